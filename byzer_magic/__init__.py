@@ -1,0 +1,21 @@
+"""Deploy LLMs onto Ray from a notebook cell, chat with them, scale and stop them.
+
+`%load_ext byzer_magic` registers the magics. Scripts use the same core:
+`byzer_magic.spec.parse_spec`, `byzer_magic.deploy.deploy/scale/undeploy`,
+`byzer_magic.chat.chat/stream`. Importing the package imports nothing heavy.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """Called by `%load_ext byzer_magic`."""
+    from .magics import ByzerMagics
+
+    magics = ByzerMagics(shell=ipython)
+    ipython.register_magics(magics)
+    if magics not in ipython.configurables:
+        ipython.configurables.append(magics)

@@ -1,0 +1,112 @@
+"""A GGUF file served in-process by llama-cpp-python.
+
+`Llama` is synchronous and not thread-safe, so generation runs in a thread,
+one request at a time, and the worker's event loop stays free for health
+checks and queue bookkeeping.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator, Iterator
+
+from pydantic import Field
+
+from ..errors import BackendError
+from .base import BackendSettings, Delta, GenParams, Messages
+
+
+class Settings(BackendSettings):
+    """llama.cpp keys, written plainly as in the deployment guide (`n_ctx=2048`)."""
+
+    n_ctx: int = Field(default=2048, ge=0, description="context window in tokens; 0 takes the model's")
+    n_gpu_layers: int = Field(default=0, ge=-1, description="layers offloaded to the GPU; -1 for all")
+    n_threads: int | None = Field(default=None, gt=0, description="CPU threads for generation")
+    n_batch: int = Field(default=512, gt=0, description="prompt tokens evaluated per batch")
+    seed: int | None = Field(default=None, description="sampling seed; None lets llama.cpp pick")
+    chat_format: str | None = Field(
+        default=None, description="llama-cpp-python chat format; default: the GGUF's own chat template"
+    )
+    use_mmap: bool = Field(default=True, description="map the file instead of reading it")
+    verbose: bool = Field(default=False, description="llama.cpp's load and timing logs in the worker log")
+    temperature: float | None = Field(default=None, ge=0, description="default sampling temperature")
+    max_tokens: int | None = Field(default=None, gt=0, description="default answer length limit")
+
+
+class Backend:
+    """One Llama instance; requests take turns on it."""
+
+    def __init__(self, settings: Settings, *, model_path: str, **_: Any):
+        self._settings = settings
+        self._model_path = model_path
+        self._llama: Any = None
+        self._turn = asyncio.Lock()
+        self._served = 0
+        self._tokens = 0
+
+    async def start(self) -> None:
+        s = self._settings
+        try:
+            from llama_cpp import Llama
+
+            kwargs: dict[str, Any] = {
+                "model_path": self._model_path,
+                "n_ctx": s.n_ctx,
+                "n_gpu_layers": s.n_gpu_layers,
+                "n_batch": s.n_batch,
+                "use_mmap": s.use_mmap,
+                "verbose": s.verbose,
+                "chat_format": s.chat_format,
+            }
+            if s.n_threads:
+                kwargs["n_threads"] = s.n_threads
+            if s.seed is not None:
+                kwargs["seed"] = s.seed
+            self._llama = await asyncio.to_thread(Llama, **kwargs)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise BackendError("llama_cpp", None, f"cannot load {self._model_path}: {exc}") from None
+
+    async def chat(self, messages: Messages, gen: GenParams) -> AsyncIterator[Delta]:
+        s = self._settings
+        kwargs: dict[str, Any] = {"messages": messages, "stream": True}
+        temperature = gen.temperature if gen.temperature is not None else s.temperature
+        max_tokens = gen.max_tokens if gen.max_tokens is not None else s.max_tokens
+        if temperature is not None:
+            kwargs["temperature"] = temperature
+            if temperature == 0:
+                kwargs["top_k"] = 1
+        if max_tokens is not None:
+            kwargs["max_tokens"] = max_tokens
+        if gen.top_p is not None:
+            kwargs["top_p"] = gen.top_p
+        if gen.seed is not None:
+            kwargs["seed"] = gen.seed
+        if gen.stop:
+            kwargs["stop"] = list(gen.stop)
+        async with self._turn:
+            try:
+                chunks: Iterator[dict] = await asyncio.to_thread(
+                    self._llama.create_chat_completion, **kwargs
+                )
+                count = 0
+                while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+                    choice = chunk["choices"][0]
+                    text = choice["delta"].get("content") or ""
+                    count += bool(text)
+                    if text or choice.get("finish_reason"):
+                        yield Delta(text, choice.get("finish_reason"))
+            except (ValueError, RuntimeError) as exc:
+                raise BackendError("llama_cpp", None, str(exc)) from None
+        self._served += 1
+        self._tokens += count
+
+    async def health(self) -> None:
+        if self._llama is None:
+            raise BackendError("llama_cpp", None, "model not loaded")
+
+    def stats(self) -> dict[str, Any]:
+        return {"served": self._served, "tokens": self._tokens}
+
+    async def shutdown(self) -> None:
+        if self._llama is not None:
+            self._llama.close()
+            self._llama = None

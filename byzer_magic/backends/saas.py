@@ -1,0 +1,121 @@
+"""Any OpenAI-compatible endpoint, through the official openai client.
+
+The client already retries 408/409/429/5xx and connection errors with
+exponential backoff and jitter, and enforces the timeout; this module only
+maps its failures onto a BackendError the notebook can show.
+"""
+from __future__ import annotations
+
+from typing import Any, AsyncIterator
+
+from pydantic import Field, SecretStr
+
+from ..errors import BackendError, redact
+from .base import BackendSettings, Delta, GenParams, Messages
+
+
+class Settings(BackendSettings):
+    """`saas.*` keys: an OpenAI-compatible endpoint and how to call it."""
+
+    api_key: SecretStr = Field(description="API key sent as a Bearer token; never shown")
+    model: str = Field(description="model name the provider knows, e.g. gpt-4o-mini or qwen-max")
+    base_url: str | None = Field(
+        default=None, description="endpoint root ending in /v1; default: the provider's"
+    )
+    timeout: float = Field(default=60.0, gt=0, description="seconds before one request is abandoned")
+    max_retries: int = Field(
+        default=2, ge=0, le=10, description="retries on 408/409/429/5xx and connection errors"
+    )
+    check_on_start: bool = Field(
+        default=True, description="ask the endpoint for its models at deploy, so a bad key fails the deploy"
+    )
+    temperature: float | None = Field(default=None, ge=0, description="default sampling temperature")
+    top_p: float | None = Field(default=None, gt=0, le=1, description="default nucleus sampling")
+    max_tokens: int | None = Field(default=None, gt=0, description="default answer length limit")
+
+
+class Backend:
+    """One worker's connection to the provider; Serve keeps it to one request at a time."""
+
+    def __init__(self, settings: Settings, *, provider: str, base_url: str | None, **_: Any):
+        import openai
+
+        self._openai = openai
+        self._settings = settings
+        self._provider = provider
+        self._key = settings.api_key.get_secret_value()
+        self._client = openai.AsyncOpenAI(
+            api_key=self._key,
+            base_url=base_url,
+            timeout=settings.timeout,
+            max_retries=settings.max_retries,
+        )
+        self._served = 0
+        self._errors = 0
+
+    async def start(self) -> None:
+        if not self._settings.check_on_start:
+            return
+        try:
+            await self._client.models.list()
+        except self._openai.NotFoundError:
+            return
+        except self._openai.OpenAIError as exc:
+            raise self._readable(exc) from None
+
+    async def chat(self, messages: Messages, gen: GenParams) -> AsyncIterator[Delta]:
+        s = self._settings
+        kwargs: dict[str, Any] = {
+            "model": s.model,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        for name, default in (("temperature", s.temperature), ("top_p", s.top_p), ("max_tokens", s.max_tokens)):
+            value = getattr(gen, name)
+            if value is None:
+                value = default
+            if value is not None:
+                kwargs[name] = value
+        if gen.seed is not None:
+            kwargs["seed"] = gen.seed
+        if gen.stop:
+            kwargs["stop"] = list(gen.stop)
+        try:
+            stream = await self._client.chat.completions.create(**kwargs)
+            async with stream:
+                async for chunk in stream:
+                    usage = chunk.usage.model_dump() if chunk.usage else None
+                    for choice in chunk.choices:
+                        text = choice.delta.content or ""
+                        if text or choice.finish_reason:
+                            yield Delta(text, choice.finish_reason)
+                    if usage:
+                        yield Delta("", None, {k: v for k, v in usage.items() if isinstance(v, int)})
+        except self._openai.OpenAIError as exc:
+            self._errors += 1
+            raise self._readable(exc) from None
+        self._served += 1
+
+    async def health(self) -> None:
+        """Local only: a provider's bad minute must not make Serve kill workers."""
+
+    def stats(self) -> dict[str, Any]:
+        return {"served": self._served, "errors": self._errors}
+
+    async def shutdown(self) -> None:
+        await self._client.close()
+
+    def _readable(self, exc: Exception) -> BackendError:
+        status = getattr(exc, "status_code", None)
+        message = getattr(exc, "message", None) or str(exc)
+        body = getattr(exc, "body", None)
+        if isinstance(body, dict):
+            inner = body.get("error", body)
+            if isinstance(inner, dict) and inner.get("message"):
+                message = str(inner["message"])
+        if isinstance(exc, self._openai.APITimeoutError):
+            message = f"no answer within {self._settings.timeout:g} s (saas.timeout)"
+        elif isinstance(exc, self._openai.APIConnectionError):
+            message = f"cannot reach {self._client.base_url}: {exc.__cause__ or message}"
+        return BackendError(self._provider, status, redact(message, [self._key]))

@@ -1,0 +1,164 @@
+"""Talk to a deployment through its Serve handle, from sync or async code.
+
+Every handle call runs on one long-lived event loop in a background thread.
+A notebook's own loop is already running while a cell executes, which makes
+Serve's sync `.result()` refuse, and Serve's router binds to the first loop
+that uses it; one private loop satisfies both. Async callers already on that
+loop (`run_on_client_loop`) skip the thread hop entirely.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Iterator, TypeVar
+
+from .backends.base import Delta, GenParams, Messages
+from .errors import BackendError, ByzerError, NotDeployedError
+
+T = TypeVar("T")
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_lock = threading.Lock()
+_handles: dict[str, Any] = {}
+
+
+def client_loop() -> asyncio.AbstractEventLoop:
+    """The process-wide loop every Serve handle call runs on (started on first use)."""
+    global _loop
+    with _loop_lock:
+        if _loop is None:
+            _loop = asyncio.new_event_loop()
+            threading.Thread(target=_loop.run_forever, name="byzer-magic-client", daemon=True).start()
+        return _loop
+
+
+def run_on_client_loop(coro: Awaitable[T], timeout: float | None = None) -> T:
+    """Run a coroutine on the client loop from any thread and wait for its result."""
+    future = asyncio.run_coroutine_threadsafe(coro, client_loop())
+    try:
+        return future.result(timeout)
+    except BaseException:
+        future.cancel()
+        raise
+
+
+def _handle(name: str) -> Any:
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    handle = _handles.get(name)
+    if handle is None:
+        try:
+            handle = serve.get_app_handle(name)
+        except RayServeException:
+            raise NotDeployedError(f"no deployment named {name!r}: deploy it with %%byzer_deploy, see %byzer_list") from None
+        _handles[name] = handle
+    return handle
+
+
+def forget(name: str) -> None:
+    """Drop a cached handle, e.g. after its deployment was removed."""
+    _handles.pop(name, None)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """Turn what Ray raises into the readable error the worker meant."""
+    from ray.exceptions import RayActorError, RayTaskError
+
+    cause = getattr(exc, "cause", None) if isinstance(exc, RayTaskError) else None
+    if isinstance(cause, ByzerError):
+        return cause
+    if isinstance(exc, RayActorError):
+        return BackendError("worker", None, f"the worker died while answering: {exc.error_msg if hasattr(exc, 'error_msg') else exc}")
+    if isinstance(exc, RayTaskError):
+        return BackendError("worker", None, str(cause or exc).strip().splitlines()[-1])
+    return exc
+
+
+async def astream(name: str, messages: Messages, gen: GenParams | None = None) -> AsyncIterator[Delta]:
+    """Stream deltas; must run on the client loop (see `run_on_client_loop`)."""
+    from ray.exceptions import RayError
+
+    handle = _handle(name)
+    try:
+        async for delta in handle.options(stream=True).chat.remote(messages, gen or GenParams()):
+            yield delta
+    except RayError as exc:
+        raise _unwrap(exc) from None
+
+
+async def acomplete(name: str, messages: Messages, gen: GenParams | None = None) -> list[Delta]:
+    """The whole answer as deltas, in one round trip; must run on the client loop."""
+    from ray.exceptions import RayError
+
+    try:
+        return await _handle(name).complete.remote(messages, gen or GenParams())
+    except RayError as exc:
+        raise _unwrap(exc) from None
+
+
+@dataclass
+class ChatResult:
+    """A finished answer; prints as its text."""
+
+    text: str
+    finish_reason: str | None = None
+    usage: dict[str, int] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.text
+
+    @classmethod
+    def of(cls, deltas: list[Delta]) -> "ChatResult":
+        result = cls("".join(d.text for d in deltas))
+        for d in deltas:
+            result.finish_reason = d.finish_reason or result.finish_reason
+            result.usage.update(d.usage or {})
+        return result
+
+
+def messages_for(prompt: str | Messages, system: str | None = None) -> Messages:
+    """A prompt string becomes one user message, after an optional system one."""
+    if isinstance(prompt, str):
+        messages: Messages = [{"role": "user", "content": prompt}]
+    else:
+        messages = list(prompt)
+    if system:
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def stream(name: str, messages: Messages, gen: GenParams | None = None) -> Iterator[Delta]:
+    """Sync streaming: deltas arrive as the worker produces them.
+
+    Stopping early (break, KeyboardInterrupt) cancels the request, which the
+    worker passes on to its backend.
+    """
+    out: queue.Queue = queue.Queue()
+    done = object()
+
+    async def pump() -> None:
+        try:
+            async for delta in astream(name, messages, gen):
+                out.put(delta)
+            out.put(done)
+        except BaseException as exc:
+            out.put(exc)
+            raise
+
+    task: concurrent.futures.Future = asyncio.run_coroutine_threadsafe(pump(), client_loop())
+    try:
+        while (item := out.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        task.cancel()
+
+
+def chat(name: str, prompt: str | Messages, gen: GenParams | None = None, *, system: str | None = None) -> ChatResult:
+    """Ask and wait for the whole answer."""
+    messages = messages_for(prompt, system)
+    return ChatResult.of(run_on_client_loop(acomplete(name, messages, gen)))

@@ -1,0 +1,225 @@
+"""Deploy, scale, stop and inspect deployments: one Serve application each.
+
+The cluster is the only record: every function here reads Serve's own state,
+so a restarted kernel sees and controls what an earlier one deployed.
+"""
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .cluster import connect
+from .errors import DeployError, NotDeployedError, redact
+from .spec import DeploySpec
+from .status import DeploymentStatus, StatusTable
+from .worker import WORKER_NAME, Worker
+
+Progress = Callable[[DeploymentStatus], None]
+_POLL_S = 0.05
+
+
+def preflight(spec: DeploySpec) -> None:
+    """Check what the spec needs from this machine, before anything starts."""
+    info = spec.info
+    if not info.library_installed():
+        extra = f"pip install 'byzer-magic[{info.extra}]'" if info.extra else f"pip install {info.library}"
+        raise DeployError(f"--infer_backend {spec.backend} needs the {info.library} package: {extra}")
+    if spec.model_path is None:
+        return
+    path = Path(spec.model_path).expanduser()
+    if not path.exists():
+        raise DeployError(f"--model_path {spec.model_path}: no such file or directory")
+    if spec.backend == "llama_cpp":
+        if not path.is_file():
+            raise DeployError(f"--model_path {spec.model_path}: llama_cpp needs a .gguf file, not a directory")
+        with path.open("rb") as f:
+            if f.read(4) != b"GGUF":
+                raise DeployError(f"--model_path {spec.model_path}: not a GGUF file (it does not start with 'GGUF')")
+    elif not (path / "config.json").is_file():
+        raise DeployError(f"--model_path {spec.model_path}: {spec.backend} needs a model directory with config.json")
+
+
+def _check_resources(workers: int, cpus: float, gpus: float) -> None:
+    """Refuse what the cluster cannot place, instead of waiting on it forever."""
+    import ray
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    for flag, key, per in (("--cpus_per_worker", "CPU", cpus), ("--gpus_per_worker", "GPU", gpus)):
+        need = per * workers
+        if need > total.get(key, 0) + 1e-9:
+            raise DeployError(
+                f"{workers} workers x {flag} {per:g} need {need:g} {key}s; the cluster has "
+                f"{total.get(key, 0):g} in all. Ask for fewer workers or a smaller {flag}."
+            )
+        if need > free.get(key, 0) + 1e-9:
+            raise DeployError(
+                f"{workers} workers x {flag} {per:g} need {need:g} {key}s; only {free.get(key, 0):g} "
+                f"are free (other deployments hold the rest: see %byzer_list)."
+            )
+
+
+def _serve_details() -> dict[str, Any]:
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client().get_serve_details()
+
+
+def _ours(app: dict[str, Any]) -> dict[str, Any] | None:
+    """The worker deployment of a Serve app, if the app is one of ours."""
+    return app.get("deployments", {}).get(WORKER_NAME)
+
+
+def _to_status(name: str, app: dict[str, Any] | None) -> DeploymentStatus:
+    if app is None or _ours(app) is None:
+        return DeploymentStatus(name, "stopped")
+    dep = _ours(app)
+    config = dep.get("deployment_config", {})
+    replicas = dep.get("replicas", [])
+    ready = sum(r.get("state") == "RUNNING" for r in replicas)
+    wanted = int(dep.get("target_num_replicas", config.get("num_replicas", 0)) or 0)
+    app_status = app.get("status", "")
+    if app_status == "DEPLOY_FAILED":
+        state = "failed"
+    elif app_status == "DELETING":
+        state = "stopped"
+    elif app_status == "DEPLOYING" and ready == 0:
+        state = "deploying"
+    elif ready >= wanted and app_status == "RUNNING":
+        state = "ready"
+    elif ready < wanted and app_status == "RUNNING" and dep.get("status") == "UPSCALING":
+        state = "deploying" if ready == 0 else "ready"
+    else:
+        state = "degraded" if ready else "deploying"
+    message = _reason(dep.get("message") or app.get("message") or "")
+    return DeploymentStatus(name, state, ready, wanted, message, dict(config.get("user_config") or {}))
+
+
+_ERROR_LINE = re.compile(r"(?:byzer_magic\.errors\.)?(?:BackendError|DeployError|ByzerError): (.+)")
+
+
+def _reason(message: str) -> str:
+    """The readable cause inside a Serve status message (which holds a traceback)."""
+    found = _ERROR_LINE.findall(message)
+    if found:
+        return found[-1].strip()
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def status(name: str, *, ray_address: str | None = None) -> DeploymentStatus:
+    """The state of one deployment, read from the cluster."""
+    connect(ray_address)
+    return _to_status(name, _serve_details().get("applications", {}).get(name))
+
+
+def list_deployments(*, ray_address: str | None = None) -> StatusTable:
+    """Every byzer_magic deployment on the cluster, whoever deployed it."""
+    connect(ray_address)
+    apps = _serve_details().get("applications", {})
+    return StatusTable(tuple(_to_status(n, a) for n, a in sorted(apps.items()) if _ours(a)))
+
+
+def require(name: str, *, ray_address: str | None = None) -> DeploymentStatus:
+    """The status of a deployment that must exist; the error lists those that do."""
+    current = status(name, ray_address=ray_address)
+    if current.state == "stopped":
+        names = [row.name for row in list_deployments().rows]
+        known = f"deployed now: {', '.join(names)}" if names else "nothing is deployed"
+        raise NotDeployedError(f"no deployment named {name!r} ({known})")
+    return current
+
+
+def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> DeploymentStatus:
+    """Start `spec.num_workers` workers and wait until all are ready.
+
+    On any failure, timeout or interrupt the application is deleted again, so
+    nothing is left half-deployed, and the worker's own reason is raised.
+    """
+    from ray import serve
+    from ray.serve.api import _run
+
+    preflight(spec)
+    connect(spec.ray_address)
+    existing = status(spec.name)
+    if existing.state != "stopped":
+        if not spec.force:
+            raise DeployError(
+                f"a deployment named {spec.name!r} already exists ({existing.line()}). Chat with it, "
+                f"remove it with %byzer_undeploy {spec.name}, or add --force to replace it."
+            )
+        serve.delete(spec.name)
+    _check_resources(spec.num_workers, spec.cpus_per_worker, spec.gpus_per_worker)
+
+    app = serve.deployment(Worker, name=WORKER_NAME).options(
+        num_replicas=spec.num_workers,
+        max_ongoing_requests=spec.worker_concurrency,
+        max_queued_requests=-1,
+        ray_actor_options={"num_cpus": spec.cpus_per_worker, "num_gpus": spec.gpus_per_worker},
+        user_config=spec.describe(),
+        max_constructor_retry_count=1,
+        graceful_shutdown_timeout_s=30,
+    ).bind(spec)
+    deadline = time.monotonic() + spec.deploy_timeout
+    try:
+        _run(app, _blocking=False, name=spec.name, route_prefix=None, external_scaler_enabled=True)
+        return _wait(spec.name, spec.num_workers, deadline, on_progress, "--deploy_timeout")
+    except BaseException as exc:
+        serve.delete(spec.name)
+        if isinstance(exc, DeployError):
+            raise DeployError(redact(str(exc), spec.secrets())) from None
+        raise
+
+
+def _wait(name: str, workers: int, deadline: float, on_progress: Progress | None, timeout_flag: str) -> DeploymentStatus:
+    last = None
+    while True:
+        current = status(name)
+        if current != last and on_progress:
+            on_progress(current)
+        last = current
+        if current.state == "failed":
+            raise DeployError(f"deploying {name!r} failed: {current.message}")
+        if current.state == "ready" and current.workers_ready == workers == current.workers_wanted:
+            return current
+        if time.monotonic() > deadline:
+            raise DeployError(
+                f"{name!r} was not ready in time ({current.workers_ready}/{workers} workers; "
+                f"{current.message or 'still starting'}); raise {timeout_flag} if the model is slow to load"
+            )
+        time.sleep(_POLL_S)
+
+
+def scale(
+    name: str,
+    workers: int,
+    *,
+    timeout: float = 300.0,
+    ray_address: str | None = None,
+    on_progress: Progress | None = None,
+) -> DeploymentStatus:
+    """Change the number of workers in place; requests keep flowing meanwhile."""
+    import ray
+    from ray.serve._private.common import DeploymentID
+    from ray.serve.context import _get_global_client
+
+    if workers < 1:
+        raise DeployError(f"cannot scale to {workers} workers: use 1 or more, or %byzer_undeploy {name} to stop it")
+    current = require(name, ray_address=ray_address)
+    config = _serve_details()["applications"][name]["deployments"][WORKER_NAME]["deployment_config"]
+    options = config.get("ray_actor_options", {})
+    extra = max(0, workers - current.workers_wanted)
+    if extra:
+        _check_resources(extra, options.get("num_cpus", 0) or 0, options.get("num_gpus", 0) or 0)
+    controller = _get_global_client()._controller
+    ray.get(controller.update_deployment_replicas.remote(DeploymentID(WORKER_NAME, name), workers))
+    return _wait(name, workers, time.monotonic() + timeout, on_progress, "the scale timeout")
+
+
+def undeploy(name: str, *, ray_address: str | None = None) -> None:
+    """Stop every worker of the deployment and forget it; waits until they are gone."""
+    from ray import serve
+
+    require(name, ray_address=ray_address)
+    serve.delete(name)

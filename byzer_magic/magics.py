@@ -1,0 +1,215 @@
+"""IPython front end: parse the line or cell, call one core function, show the result.
+
+Known failures (bad flags, unknown names, provider errors) become a
+UsageError, which IPython prints as one paragraph without a traceback.
+"""
+from __future__ import annotations
+
+import functools
+import shlex
+import sys
+import time
+from typing import Any, Callable
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from traitlets import Bool, Float, Int, Unicode
+from traitlets.config import Configurable
+
+from . import chat as chat_api
+from . import deploy as deploy_api
+from .backends.base import GenParams
+from .errors import ByzerError
+from .spec import FLAG_HELP, parse_spec, settings_help
+from .status import DeploymentStatus
+
+
+def _friendly(method: Callable) -> Callable:
+    """Show ByzerError as a UsageError: the user's mistake or the provider's, not our bug."""
+
+    @functools.wraps(method)
+    def wrapper(self: "ByzerMagics", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except ByzerError as exc:
+            if not self.short_errors:
+                raise
+            raise UsageError(str(exc)) from None
+
+    return wrapper
+
+
+def _deploy_doc() -> str:
+    flags = "\n".join(f"  --{name}: {text}" for name, text in FLAG_HELP.items())
+    return f"""Deploy a model onto Ray; the cell holds `byzerllm deploy` flags.
+
+Examples::
+
+    %%byzer_deploy
+    --pretrained_model_type saas/openai
+    --infer_params saas.api_key=${{OPENAI_API_KEY}} saas.model=gpt-4o-mini
+    --num_workers 2 --model my_chat
+
+    %%byzer_deploy --model local_chat
+    --pretrained_model_type custom/auto --infer_backend llama_cpp
+    --model_path /models/tiny.gguf --infer_params n_ctx=512   # comments are fine
+
+Flags may sit on the magic's line or in the cell, over several lines, with
+`\\` continuations; ${{VAR}} and $VAR come from the environment.
+
+Flags:
+{flags}
+
+{settings_help()}
+"""
+
+
+@magics_class
+class ByzerMagics(Magics, Configurable):
+    """Deploy and chat with LLMs on Ray. Settings: `%config ByzerMagics`."""
+
+    short_errors = Bool(True, help="show known errors as one line instead of a traceback").tag(config=True)
+    stream = Bool(True, help="print %byzer_chat answers token by token as they arrive").tag(config=True)
+    max_tokens = Int(None, allow_none=True, help="default --max_tokens for %byzer_chat").tag(config=True)
+    temperature = Float(None, allow_none=True, help="default --temperature for %byzer_chat").tag(config=True)
+    system = Unicode(None, allow_none=True, help="default --system prompt for %byzer_chat").tag(config=True)
+    ray_address = Unicode(None, allow_none=True, help="Ray cluster for every magic; overrides RAY_ADDRESS").tag(config=True)
+
+    def __init__(self, shell: Any = None, **kwargs: Any):
+        Configurable.__init__(self, config=shell.config if shell else None)
+        Magics.__init__(self, shell=shell, **kwargs)
+
+    @cell_magic
+    @_friendly
+    def byzer_deploy(self, line: str, cell: str) -> DeploymentStatus:
+        spec = parse_spec(f"{line}\n{cell}")
+        if self.ray_address and not spec.ray_address:
+            from dataclasses import replace
+
+            spec = replace(spec, ray_address=self.ray_address)
+        started = time.monotonic()
+        result = deploy_api.deploy(spec, on_progress=self._progress)
+        print(f"{spec.name} ready in {time.monotonic() - started:.1f} s: chat with %byzer_chat {spec.name} ...")
+        return result
+
+    byzer_deploy.__doc__ = _deploy_doc()
+
+    @staticmethod
+    def _progress(status: DeploymentStatus) -> None:
+        print(f"  {status.line()}", flush=True)
+
+    @magic_arguments()
+    @argument("-o", "--output", metavar="VAR", help="keep the answer (a ChatResult) in this variable")
+    @argument("--system", help="system prompt placed before the question")
+    @argument("--temperature", type=float, help="sampling temperature; 0 is greedy")
+    @argument("--max_tokens", type=int, help="longest answer, in tokens")
+    @argument("--no_stream", action="store_true", help="print the answer once it is complete")
+    @argument("name", help="deployment name given to --model")
+    @argument("prompt", nargs="*", help="the question; in the cell form, the cell body")
+    @line_cell_magic
+    @_friendly
+    def byzer_chat(self, line: str, cell: str | None = None) -> None:
+        """Chat with a deployment; the answer streams into the output.
+
+        Examples::
+
+            %byzer_chat my_chat What is Ray?
+            %byzer_chat --temperature 0 --max_tokens 64 my_chat Say hi
+
+            %%byzer_chat my_chat -o answer --system "Answer in one line."
+            A long, multi-line question...
+        """
+        options, prompt = _split_chat_line(line)
+        args = parse_argstring(self.byzer_chat, " ".join(shlex.quote(o) for o in options))
+        text = cell if cell is not None else prompt
+        if not text or not text.strip():
+            raise UsageError(f"nothing to ask: write the question after the name (%byzer_chat {args.name} Hello)")
+        gen = GenParams(
+            temperature=args.temperature if args.temperature is not None else self.temperature,
+            max_tokens=args.max_tokens if args.max_tokens is not None else self.max_tokens,
+        )
+        messages = chat_api.messages_for(text.strip(), args.system or self.system)
+        if self.stream and not args.no_stream:
+            deltas = []
+            for delta in chat_api.stream(args.name, messages, gen):
+                deltas.append(delta)
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+            print()
+            result = chat_api.ChatResult.of(deltas)
+        else:
+            result = chat_api.chat(args.name, messages, gen)
+            print(result.text)
+        if args.output:
+            self.shell.user_ns[args.output] = result
+
+    @line_magic
+    @_friendly
+    def byzer_list(self, line: str = ""):
+        """List every deployment on the cluster, from any kernel: `%byzer_list`."""
+        return deploy_api.list_deployments(ray_address=self.ray_address)
+
+    @line_magic
+    @_friendly
+    def byzer_status(self, line: str) -> DeploymentStatus:
+        """Show one deployment's state: `%byzer_status my_chat`."""
+        return deploy_api.require(_one_name(line, "%byzer_status NAME"), ray_address=self.ray_address)
+
+    @line_magic
+    @_friendly
+    def byzer_scale(self, line: str) -> DeploymentStatus:
+        """Change a deployment's number of workers in place: `%byzer_scale my_chat 3`."""
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            raise UsageError("usage: %byzer_scale NAME WORKERS, e.g. %byzer_scale my_chat 3")
+        return deploy_api.scale(parts[0], int(parts[1]), ray_address=self.ray_address, on_progress=self._progress)
+
+    @line_magic
+    @_friendly
+    def byzer_undeploy(self, line: str) -> None:
+        """Stop every worker of a deployment: `%byzer_undeploy my_chat`."""
+        name = _one_name(line, "%byzer_undeploy NAME")
+        deploy_api.undeploy(name, ray_address=self.ray_address)
+        chat_api.forget(name)
+        print(f"{name} undeployed")
+
+
+def _one_name(line: str, usage: str) -> str:
+    parts = line.split()
+    if len(parts) != 1:
+        raise UsageError(f"usage: {usage}")
+    return parts[0]
+
+
+_VALUED = {"-o", "--output", "--system", "--temperature", "--max_tokens"}
+
+
+def _split_chat_line(line: str) -> tuple[list[str], str]:
+    """Options and the name come first; the rest of the line is the prompt, verbatim.
+
+    So apostrophes, dashes and quotes in a question need no escaping.
+    """
+    lexer = shlex.shlex(line, posix=True)
+    lexer.whitespace_split = True
+    lexer.commenters = ""
+    options: list[str] = []
+    named = False
+    expect_value = False
+    while True:
+        start = lexer.instream.tell()
+        rest = line[start:].lstrip()
+        if named and not expect_value and not rest.startswith("-"):
+            return options, rest.strip()
+        try:
+            token = lexer.get_token()
+        except ValueError as exc:
+            raise UsageError(f"%byzer_chat: {exc} in the options") from None
+        if token is None:
+            return options, ""
+        if expect_value or token.startswith("-"):
+            options.append(token)
+            expect_value = not expect_value and token.split("=")[0] in _VALUED and "=" not in token
+            continue
+        options.append(token)
+        named = True

@@ -1,0 +1,444 @@
+"""`byzerllm deploy` flags (cell text, argv or YAML) -> a validated DeploySpec.
+
+One parser serves the cell magic and the command line, so a spec that works
+in one works in the other. Everything that can be checked without a cluster is
+checked here, before anything starts; every message masks secrets.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import re
+import shlex
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from pydantic import SecretStr, ValidationError
+
+from .backends import BACKENDS, LOCAL_BACKENDS, PLANNED_BACKENDS, BackendInfo
+from .backends.base import BackendSettings
+from .backends.providers import PROVIDER_BASE_URLS
+from .errors import SpecError, redact
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_WORKERS = 256
+_ENV_VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+_SECRET_KEY = re.compile(r"(key|token|secret|password)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class DeploySpec:
+    """Everything needed to start a deployment; its repr never shows a secret."""
+
+    name: str
+    pretrained_model_type: str
+    backend: str
+    params: BackendSettings
+    provider: str | None = None
+    model_path: str | None = None
+    num_workers: int = 1
+    worker_concurrency: int = 1
+    cpus_per_worker: float = 0.001
+    gpus_per_worker: float = 0.0
+    ray_address: str | None = None
+    force: bool = False
+    deploy_timeout: float = 300.0
+
+    @property
+    def info(self) -> BackendInfo:
+        return BACKENDS[self.backend]
+
+    @property
+    def base_url(self) -> str | None:
+        """The endpoint a SaaS worker calls: saas.base_url, else the provider's."""
+        return getattr(self.params, "base_url", None) or PROVIDER_BASE_URLS.get(self.provider or "")
+
+    def secrets(self) -> list[str]:
+        """Secret values in this spec, for redacting text that might echo them."""
+        return [
+            value.get_secret_value()
+            for value in self.params.__dict__.values()
+            if isinstance(value, SecretStr)
+        ]
+
+    def public_params(self) -> dict[str, Any]:
+        """infer_params as the user wrote them, secrets shown as ***."""
+        prefix = self.info.prefix
+        return {
+            f"{prefix}{key}": "***" if isinstance(value, SecretStr) else value
+            for key, value in self.params.__dict__.items()
+            if key in self.params.model_fields_set
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-safe, secret-free summary: what a card or `%byzer_list` shows."""
+        model = getattr(self.params, "model", None) or self.model_path
+        return {
+            "name": self.name,
+            "pretrained_model_type": self.pretrained_model_type,
+            "backend": self.backend,
+            "provider": self.provider,
+            "model": model,
+            "base_url": self.base_url if self.backend == "saas" else None,
+            "num_workers": self.num_workers,
+            "worker_concurrency": self.worker_concurrency,
+            "cpus_per_worker": self.cpus_per_worker,
+            "gpus_per_worker": self.gpus_per_worker,
+            "infer_params": self.public_params(),
+        }
+
+    def with_workers(self, num_workers: int) -> "DeploySpec":
+        return replace(self, num_workers=num_workers)
+
+    def __repr__(self) -> str:
+        params = " ".join(f"{k}={v}" for k, v in self.public_params().items())
+        return (
+            f"DeploySpec(name={self.name!r}, type={self.pretrained_model_type!r}, "
+            f"backend={self.backend!r}, model_path={self.model_path!r}, "
+            f"num_workers={self.num_workers}, worker_concurrency={self.worker_concurrency}, "
+            f"cpus_per_worker={self.cpus_per_worker:g}, gpus_per_worker={self.gpus_per_worker:g}, "
+            f"infer_params=[{params}])"
+        )
+
+    __str__ = __repr__
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises SpecError instead of printing usage and exiting."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise SpecError(message)
+
+
+@dataclass
+class _Flags:
+    """Flag values after YAML and argv are merged; None means 'not given'."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    infer_params: dict[str, Any] = field(default_factory=dict)
+
+
+FLAG_HELP: dict[str, str] = {
+    "model": "deployment name, used by %byzer_chat, %byzer_scale and %byzer_undeploy (required)",
+    "pretrained_model_type": "saas/<provider>, custom/auto (vllm or llama_cpp), default custom/auto",
+    "infer_backend": f"local backend for custom/auto: {', '.join(LOCAL_BACKENDS)}",
+    "model_path": "local weights: a model directory, or a .gguf file for llama_cpp",
+    "num_workers": "workers (Ray Serve replicas), default 1",
+    "worker_concurrency": "requests one worker takes at once; default 1 (SaaS, llama_cpp), engine-sized for vllm",
+    "cpus_per_worker": "Ray CPUs per worker, fractions allowed, default 0.001",
+    "gpus_per_worker": "Ray GPUs per worker, default 0",
+    "infer_params": "key=value settings: saas.* for SaaS, backend.* for vllm, plain keys for llama_cpp",
+    "ray_address": "Ray cluster to use; default RAY_ADDRESS, else the running one, else a local one",
+    "file": "YAML file with the same keys; flags given here override it",
+    "force": "replace a deployment that already has this name",
+    "deploy_timeout": "seconds to wait for every worker to be ready, default 300",
+}
+
+_TYPES: dict[str, Any] = {
+    "num_workers": int,
+    "worker_concurrency": int,
+    "cpus_per_worker": float,
+    "gpus_per_worker": float,
+    "deploy_timeout": float,
+}
+
+
+def build_parser(prog: str = "byzer-magic deploy") -> argparse.ArgumentParser:
+    """The one parser for `%%byzer_deploy` and `byzer-magic deploy`."""
+    parser = _Parser(prog=prog, allow_abbrev=False, add_help=False, description=__doc__)
+    for flag, text in FLAG_HELP.items():
+        if flag == "infer_params":
+            parser.add_argument("--infer_params", nargs="+", action="extend", metavar="KEY=VALUE", help=text)
+        elif flag == "force":
+            parser.add_argument("--force", action="store_true", default=None, help=text)
+        else:
+            parser.add_argument(f"--{flag}", type=str, metavar=flag.upper(), help=text)
+    return parser
+
+
+def parse_spec(text: str, env: Mapping[str, str] | None = None) -> DeploySpec:
+    """Parse the body of a `%%byzer_deploy` cell (or a pasted `byzerllm deploy` line).
+
+    Lines may end in a backslash, `#` starts a comment, and a leading
+    `byzerllm deploy` is dropped, so the guide's commands paste as they are.
+    """
+    joined = re.sub(r"\\[ \t]*\r?\n", " ", text)
+    try:
+        tokens = shlex.split(joined, comments=True)
+    except ValueError as exc:
+        raise SpecError(f"cannot split the cell into flags: {exc} (an unclosed quote?)") from None
+    if tokens[:2] == ["byzerllm", "deploy"]:
+        tokens = tokens[2:]
+    return parse_args(tokens, env)
+
+
+def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> DeploySpec:
+    """Parse flags already split into words (the command line's argv)."""
+    env = os.environ if env is None else env
+    argv = list(argv)
+    secrets = _secrets_in(argv)
+    try:
+        if not argv:
+            raise SpecError("no flags given: at least --model NAME and --pretrained_model_type are needed")
+        flags = _read_flags(argv, env)
+        return _build(flags)
+    except SpecError as exc:
+        raise SpecError(redact(str(exc), secrets + _secrets_in_env(argv, env))) from None
+
+
+def _secrets_in(tokens: Sequence[str]) -> list[str]:
+    found = []
+    for token in tokens:
+        key, sep, value = token.partition("=")
+        if sep and _SECRET_KEY.search(key) and value and not _ENV_VAR.fullmatch(value):
+            found.append(value)
+    return found
+
+
+def _secrets_in_env(tokens: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    """Values of the environment variables named in secret-looking tokens."""
+    found = []
+    for token in tokens:
+        key, sep, value = token.partition("=")
+        if sep and _SECRET_KEY.search(key):
+            found.extend(env.get(a or b, "") for a, b in _ENV_VAR.findall(value))
+    return [v for v in found if v]
+
+
+def _read_flags(argv: list[str], env: Mapping[str, str]) -> _Flags:
+    parser = build_parser()
+    known, extra = parser.parse_known_args(argv)
+    if extra:
+        raise SpecError(_unknown_flag_message(extra[0]))
+    given = {k: v for k, v in vars(known).items() if v is not None}
+    flags = _Flags()
+    if "file" in given:
+        flags = _read_yaml(given.pop("file"), env)
+    for token in given.pop("infer_params", []):
+        key, sep, value = token.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--infer_params takes key=value pairs, got {token!r}")
+        flags.infer_params[key.strip()] = _expand(value, env, f"--infer_params {key}")
+    for key, value in given.items():
+        flags.values[key] = _expand(value, env, f"--{key}") if isinstance(value, str) else value
+    return flags
+
+
+def _unknown_flag_message(token: str) -> str:
+    valid = [f"--{name}" for name in FLAG_HELP]
+    flag = token.split("=", 1)[0]
+    if not flag.startswith("-"):
+        return (
+            f"unexpected word {token!r}: every value must follow a flag "
+            f"(is a flag missing before it, or a space inside a value that needs quotes?)"
+        )
+    close = difflib.get_close_matches(flag.replace("-", "_").lstrip("_"), [v[2:] for v in valid], n=1)
+    hint = f" Did you mean --{close[0]}?" if close else ""
+    return f"unknown flag {flag}.{hint} Valid flags: {', '.join(valid)}."
+
+
+def _read_yaml(path: str, env: Mapping[str, str]) -> _Flags:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).expanduser().read_text())
+    except OSError as exc:
+        raise SpecError(f"--file {path}: cannot read it ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"--file {path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"--file {path}: expected a mapping of flag names to values")
+    flags = _Flags()
+    for raw_key, value in data.items():
+        key = str(raw_key).lstrip("-").replace("-", "_")
+        where = f"{key} in {path}"
+        if key == "infer_params":
+            flags.infer_params.update(_yaml_params(value, env, path))
+        elif key in FLAG_HELP and key != "file":
+            flags.values[key] = _expand(value, env, where) if isinstance(value, str) else value
+        else:
+            close = difflib.get_close_matches(key, list(FLAG_HELP), n=1)
+            hint = f" Did you mean {close[0]}?" if close else ""
+            raise SpecError(f"--file {path}: unknown key {key!r}.{hint} Valid keys: {', '.join(FLAG_HELP)}.")
+    return flags
+
+
+def _yaml_params(value: Any, env: Mapping[str, str], path: str) -> dict[str, Any]:
+    if isinstance(value, dict):
+        items = [(str(k), v) for k, v in value.items()]
+    elif isinstance(value, list):
+        items = [tuple(str(v).partition("=")[::2]) for v in value]
+    elif isinstance(value, str):
+        items = [tuple(v.partition("=")[::2]) for v in value.split()]
+    else:
+        raise SpecError(f"--file {path}: infer_params must be a mapping or a list of key=value")
+    return {k: _expand(v, env, f"infer_params {k} in {path}") if isinstance(v, str) else v for k, v in items}
+
+
+def _expand(value: str, env: Mapping[str, str], where: str) -> str:
+    """Replace ${VAR} and $VAR from the environment; an unset one is an error."""
+
+    def lookup(match: re.Match) -> str:
+        name = match.group(1) or match.group(2)
+        if name not in env:
+            raise SpecError(f"{where}: environment variable ${name} is not set (export it, or %env {name}=...)")
+        return env[name]
+
+    return _ENV_VAR.sub(lookup, value)
+
+
+def _typed(key: str, value: Any) -> Any:
+    kind = _TYPES.get(key)
+    if kind is None or value is None:
+        return value
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    try:
+        if kind is int and isinstance(value, str) and not re.fullmatch(r"[+-]?\d+", value.strip()):
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        noun = "a whole number" if kind is int else "a number"
+        raise SpecError(f"--{key} must be {noun}, got {value!r}") from None
+
+
+def _build(flags: _Flags) -> DeploySpec:
+    v = {k: _typed(k, val) for k, val in flags.values.items()}
+    name = v.get("model")
+    if not name:
+        raise SpecError("--model is required: the name to chat with, e.g. --model my_chat")
+    name = str(name)
+    if not NAME_PATTERN.match(name):
+        raise SpecError(
+            f"--model {name!r} is not a valid name: use letters, digits, '_', '-' or '.', "
+            f"start with a letter or digit, at most 64 characters"
+        )
+    model_type = str(v.get("pretrained_model_type") or "custom/auto").strip()
+    backend, provider = _backend_for(model_type, v.get("infer_backend"))
+    info = BACKENDS[backend]
+    params = _settings(info, model_type, flags.infer_params)
+
+    model_path = v.get("model_path")
+    if backend != "saas" and not model_path:
+        raise SpecError(f"--model_path is required for --infer_backend {backend}: " + (
+            "the .gguf file to load" if backend == "llama_cpp" else "the model's directory"))
+    if backend == "saas" and model_path:
+        raise SpecError("--model_path does not apply to saas/* models; the endpoint holds the model")
+
+    num_workers = v.get("num_workers", 1)
+    if not 1 <= num_workers <= MAX_WORKERS:
+        raise SpecError(f"--num_workers must be between 1 and {MAX_WORKERS}, got {num_workers}")
+    cpus = v.get("cpus_per_worker", 0.001)
+    gpus = v.get("gpus_per_worker", 0.0)
+    if cpus < 0:
+        raise SpecError(f"--cpus_per_worker must be 0 or more, got {cpus:g}")
+    if gpus < 0:
+        raise SpecError(f"--gpus_per_worker must be 0 or more, got {gpus:g}")
+    if info.whole_gpus and gpus != int(gpus):
+        raise SpecError(
+            f"--gpus_per_worker {gpus:g}: {backend} needs whole GPUs (it shards over them with "
+            f"tensor parallelism); use 1, 2, ... or share a GPU with backend.gpu_memory_utilization"
+        )
+    concurrency = v.get("worker_concurrency") or _default_concurrency(backend, params)
+    if concurrency < 1:
+        raise SpecError(f"--worker_concurrency must be 1 or more, got {concurrency}")
+    timeout = v.get("deploy_timeout", 300.0)
+    if timeout <= 0:
+        raise SpecError(f"--deploy_timeout must be more than 0 seconds, got {timeout:g}")
+    return DeploySpec(
+        name=name,
+        pretrained_model_type=model_type,
+        backend=backend,
+        provider=provider,
+        params=params,
+        model_path=str(model_path) if model_path else None,
+        num_workers=num_workers,
+        worker_concurrency=concurrency,
+        cpus_per_worker=cpus,
+        gpus_per_worker=gpus,
+        ray_address=v.get("ray_address") or None,
+        force=bool(v.get("force")),
+        deploy_timeout=timeout,
+    )
+
+
+def _backend_for(model_type: str, infer_backend: str | None) -> tuple[str, str | None]:
+    known = ", ".join(f"saas/{p}" for p in PROVIDER_BASE_URLS)
+    if model_type.startswith("saas/"):
+        provider = model_type[5:]
+        if provider not in PROVIDER_BASE_URLS:
+            close = difflib.get_close_matches(provider, list(PROVIDER_BASE_URLS), n=1)
+            hint = f" Did you mean saas/{close[0]}?" if close else ""
+            raise SpecError(
+                f"--pretrained_model_type {model_type}: unknown provider.{hint} Known: {known}; "
+                f"any OpenAI-compatible endpoint works as saas/openai with saas.base_url=..."
+            )
+        if infer_backend:
+            raise SpecError(f"--infer_backend does not apply to {model_type}; remove it")
+        return "saas", provider
+    if model_type == "custom/auto":
+        if infer_backend in LOCAL_BACKENDS:
+            return str(infer_backend), None
+        if infer_backend in PLANNED_BACKENDS:
+            raise SpecError(
+                f"--infer_backend {infer_backend} is not available in this version of byzer_magic; "
+                f"custom/auto runs {' or '.join(LOCAL_BACKENDS)}"
+            )
+        got = f"got {infer_backend!r}" if infer_backend else "it is missing"
+        raise SpecError(f"--pretrained_model_type custom/auto needs --infer_backend vllm or llama_cpp ({got})")
+    raise SpecError(
+        f"--pretrained_model_type {model_type!r}: use saas/<provider> ({known}) or custom/auto with "
+        f"--infer_backend {' or '.join(LOCAL_BACKENDS)}; transformers model types are not available "
+        f"in this version"
+    )
+
+
+def _settings(info: BackendInfo, model_type: str, raw: dict[str, Any]) -> BackendSettings:
+    model = info.settings
+    valid = [f"{info.prefix}{k}" for k in model.model_fields]
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if not key.startswith(info.prefix) or key[len(info.prefix):] not in model.model_fields:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" Did you mean {close[0]}?" if close else ""
+            raise SpecError(
+                f"--infer_params {key}: not a key for {model_type} ({info.name}).{hint} "
+                f"Valid keys: {', '.join(valid)}."
+            )
+        values[key[len(info.prefix):]] = value
+    try:
+        return model(**values)
+    except ValidationError as exc:
+        raise SpecError(_explain(exc, info, model_type)) from None
+
+
+def _explain(exc: ValidationError, info: BackendInfo, model_type: str) -> str:
+    parts = []
+    for err in exc.errors():
+        key = f"{info.prefix}{'.'.join(str(p) for p in err['loc'])}"
+        field_info = info.settings.model_fields.get(str(err["loc"][0])) if err["loc"] else None
+        about = f" ({field_info.description})" if field_info and field_info.description else ""
+        if err["type"] == "missing":
+            parts.append(f"--infer_params {key}=... is required for {model_type}{about}")
+        else:
+            parts.append(f"--infer_params {key}: {err['msg'].lower()}{about}")
+    return "; ".join(parts)
+
+
+def _default_concurrency(backend: str, params: BackendSettings) -> int:
+    if backend == "vllm":
+        return getattr(params, "max_num_seqs", None) or 256
+    return 1
+
+
+def settings_help() -> str:
+    """Every backend's infer_params with type, default and meaning, for `?` and --help."""
+    lines = []
+    for info in BACKENDS.values():
+        lines.append(f"{info.name} infer_params:")
+        for key, f in info.settings.model_fields.items():
+            default = "required" if f.is_required() else f"default {f.default!r}"
+            lines.append(f"  {info.prefix}{key}: {f.description} ({default})")
+    return "\n".join(lines)

@@ -1,0 +1,58 @@
+"""The Ray Serve replica class: hosts one backend, never branches on its kind.
+
+Serve owns routing, queueing (max_ongoing_requests = worker concurrency),
+health checks and restarts; this class only adapts a backend to them.
+"""
+from __future__ import annotations
+
+from typing import Any, AsyncIterator
+
+from .backends.base import Delta, GenParams, Messages
+from .spec import DeploySpec
+
+WORKER_NAME = "ByzerWorker"
+
+
+class Worker:
+    """One worker of one deployment."""
+
+    async def __init__(self, spec: DeploySpec):
+        self._spec = spec
+        self._backend = spec.info.load().Backend(
+            spec.params,
+            provider=spec.provider,
+            base_url=spec.base_url,
+            model_path=spec.model_path,
+            gpus=int(spec.gpus_per_worker),
+        )
+        await self._backend.start()
+        self._in_flight = 0
+        self._peak = 0
+
+    async def chat(self, messages: Messages, gen: GenParams) -> AsyncIterator[Delta]:
+        """Stream an answer; Serve calls this with stream=True."""
+        self._in_flight += 1
+        self._peak = max(self._peak, self._in_flight)
+        try:
+            async for delta in self._backend.chat(messages, gen):
+                yield delta
+        finally:
+            self._in_flight -= 1
+
+    async def complete(self, messages: Messages, gen: GenParams) -> list[Delta]:
+        """The whole answer in one reply, for callers that do not stream."""
+        return [delta async for delta in self.chat(messages, gen)]
+
+    def stats(self) -> dict[str, Any]:
+        return {"in_flight": self._in_flight, "peak_in_flight": self._peak, **self._backend.stats()}
+
+    async def check_health(self) -> None:
+        await self._backend.health()
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """user_config holds the deployment's public description, for listing only."""
+
+    async def __del__(self) -> None:
+        backend = getattr(self, "_backend", None)
+        if backend is not None:
+            await backend.shutdown()
