@@ -15,6 +15,7 @@ import threading
 from .errors import DeployError
 
 _lock = threading.Lock()
+_serve_started = False
 
 
 def running_cluster_address() -> str | None:
@@ -35,6 +36,24 @@ def running_cluster_address() -> str | None:
         return None
 
 
+def _use_token_if_present() -> None:
+    """Send this machine's Ray token when joining a cluster.
+
+    Ray 2.60 clusters require a token by default, but a driver joining one only
+    sends it in token mode; Ray's own helper switches to it when a token exists
+    and RAY_AUTH_MODE does not say otherwise.
+    """
+    from ray._private.authentication import authentication_token_setup as auth
+
+    quiet = logging.getLogger(auth.__name__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    finally:
+        quiet.setLevel(level)
+
+
 def connect(address: str | None = None, *, embedded_ok: bool = True) -> str:
     """Connect this process to Ray and make sure Serve runs; returns the address.
 
@@ -44,7 +63,10 @@ def connect(address: str | None = None, *, embedded_ok: bool = True) -> str:
     import ray
     from ray import serve
 
+    global _serve_started
     with _lock:
+        if ray.is_initialized() and _serve_started:
+            return ray.get_runtime_context().gcs_address
         if not ray.is_initialized():
             target = address or os.environ.get("RAY_ADDRESS") or running_cluster_address()
             if target is None and not embedded_ok:
@@ -55,12 +77,15 @@ def connect(address: str | None = None, *, embedded_ok: bool = True) -> str:
             kwargs = dict(logging_level=logging.WARNING, log_to_driver=False, namespace="byzer_magic")
             try:
                 if target:
+                    _use_token_if_present()
                     ray.init(address=target, **kwargs)
                 else:
                     ray.init(address="local", include_dashboard=False, **kwargs)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise DeployError(f"cannot connect to Ray at {target}: {exc}") from None
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
         serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
+        _serve_started = True
         return ray.get_runtime_context().gcs_address
 
 

@@ -84,14 +84,12 @@ def _to_status(name: str, app: dict[str, Any] | None) -> DeploymentStatus:
         state = "failed"
     elif app_status == "DELETING":
         state = "stopped"
-    elif app_status == "DEPLOYING" and ready == 0:
+    elif app_status == "DEPLOYING" or (ready < wanted and dep.get("status") == "UPSCALING"):
         state = "deploying"
     elif ready >= wanted and app_status == "RUNNING":
         state = "ready"
-    elif ready < wanted and app_status == "RUNNING" and dep.get("status") == "UPSCALING":
-        state = "deploying" if ready == 0 else "ready"
     else:
-        state = "degraded" if ready else "deploying"
+        state = "degraded"
     message = _reason(dep.get("message") or app.get("message") or "")
     return DeploymentStatus(name, state, ready, wanted, message, dict(config.get("user_config") or {}))
 

@@ -81,20 +81,25 @@ class Backend:
             kwargs["seed"] = gen.seed
         if gen.stop:
             kwargs["stop"] = list(gen.stop)
+        finished = False
         try:
             stream = await self._client.chat.completions.create(**kwargs)
             async with stream:
                 async for chunk in stream:
-                    usage = chunk.usage.model_dump() if chunk.usage else None
                     for choice in chunk.choices:
                         text = choice.delta.content or ""
+                        finished = finished or bool(choice.finish_reason)
                         if text or choice.finish_reason:
                             yield Delta(text, choice.finish_reason)
-                    if usage:
+                    if chunk.usage:
+                        usage = chunk.usage.model_dump()
                         yield Delta("", None, {k: v for k, v in usage.items() if isinstance(v, int)})
         except self._openai.OpenAIError as exc:
             self._errors += 1
             raise self._readable(exc) from None
+        if not finished:
+            self._errors += 1
+            raise BackendError(self._provider, None, "the stream ended before the answer was finished (no finish_reason)")
         self._served += 1
 
     async def health(self) -> None:

@@ -1,0 +1,165 @@
+"""Real parts for the tests: a Ray head, the tiny model, llama.cpp's OpenAI server.
+
+The Ray cluster is a separate `ray start --head` process, not one embedded in
+pytest, so tests can also run drivers in other processes against it (the
+kernel-restart case) and see exactly what a user's second kernel would see.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from byzer_magic.tinymodel import TinyModel, build
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} not ready after {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(request) -> TinyModel:
+    """The project's tiny random Llama, built once and cached between runs."""
+    return build(request.config.cache.mkdir("tinymodel"))
+
+
+@dataclass
+class OpenAIServer:
+    """A running llama.cpp server with the test middleware (tests/support/openai_server.py)."""
+
+    url: str
+    proc: subprocess.Popen
+    api_key: str | None
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def _post(self, path: str, payload: dict) -> dict:
+        req = urllib.request.Request(f"{self.url}{path}", json.dumps(payload).encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def stats(self) -> dict:
+        with urllib.request.urlopen(f"{self.url}/_stats", timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def control(self, **settings) -> dict:
+        return self._post("/_control", settings)
+
+
+def start_openai_server(model: Path, api_key: str | None = None, delay: float = 0.0) -> OpenAIServer:
+    port = free_port()
+    cmd = [sys.executable, "-m", "tests.support.openai_server", "--model", str(model), "--port", str(port),
+           "--delay", str(delay)]
+    if api_key:
+        cmd += ["--api_key", api_key]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = OpenAIServer(f"http://127.0.0.1:{port}", proc, api_key)
+
+    def up() -> bool:
+        try:
+            server.stats()
+            return True
+        except OSError:
+            return False
+
+    wait_until(up, 60, "llama.cpp server")
+    return server
+
+
+@pytest.fixture(scope="session")
+def openai_server(tiny_model):
+    """llama.cpp's server on 127.0.0.1 serving the tiny GGUF: our stand-in SaaS provider."""
+    server = start_openai_server(tiny_model.gguf)
+    yield server
+    server.proc.terminate()
+    server.proc.wait(10)
+
+
+@pytest.fixture
+def clean_server(openai_server):
+    """The shared server with its counters reset and no delay or faults left over."""
+    openai_server.control(delay=0, fail_next=0, short_circuit=False, reset=True)
+    yield openai_server
+    openai_server.control(delay=0, fail_next=0, short_circuit=False, reset=True)
+
+
+@dataclass
+class RayHead:
+    address: str
+    proc: subprocess.Popen
+    temp_dir: str
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """A `ray start --head` cluster of its own, joined by pytest and by subprocess drivers."""
+    port = free_port()
+    temp_dir = tempfile.mkdtemp(prefix="bzt", dir="/tmp")
+    cmd = ["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=4", "--num-gpus=0",
+           f"--temp-dir={temp_dir}", "--disable-usage-stats", "--dashboard-host=127.0.0.1",
+           f"--dashboard-port={free_port()}", "--include-dashboard=true"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    try:
+        wait_until(up, 60, "ray head")
+        os.environ["RAY_ADDRESS"] = address
+        from byzer_magic.cluster import connect
+
+        connect(address)
+        yield RayHead(address, proc, temp_dir)
+    finally:
+        _stop_head(proc, temp_dir)
+
+
+def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
+    import ray
+
+    ray.shutdown()
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def alive_replicas(app: str) -> list:
+    """Replica actors of an app that Ray's state API still reports alive."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=10000)
+    return [a for a in actors if f":{app}:" in (a.class_name or "") or (a.name or "").startswith(f"SERVE_REPLICA::{app}#")]

@@ -1,0 +1,111 @@
+"""llama.cpp's own OpenAI-compatible server, wrapped to be observed and steered.
+
+This is the real `llama_cpp.server` app serving the tiny GGUF; an ASGI
+middleware around it counts requests in flight (so tests can see how many a
+deployment sends at once), can add a fixed delay per request (a slow provider
+for the throughput benchmark), and can answer the next N requests with a
+chosen status (a provider's 429 or 5xx). Steer it with POST /_control and read
+it with GET /_stats.
+
+    python -m tests.support.openai_server --model m.gguf --port 8091 [--api_key K]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+
+
+class Observed:
+    """ASGI middleware: concurrency counter, fixed delay and fault injection."""
+
+    def __init__(self, app, delay: float = 0.0):
+        self.app = app
+        self.delay = delay
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.requests = 0
+        self.fail_next = 0
+        self.fail_status = 500
+        self.short_circuit = False
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if path == "/_stats":
+            return await self._json(send, 200, self._stats())
+        if path == "/_control":
+            body = json.loads((await receive())["body"] or b"{}")
+            for key in ("delay", "fail_next", "fail_status", "short_circuit"):
+                if key in body:
+                    setattr(self, key, body[key])
+            if body.get("reset"):
+                self.max_in_flight = self.requests = 0
+            return await self._json(send, 200, self._stats())
+        if not path.startswith("/v1/chat"):
+            return await self.app(scope, receive, send)
+        self.requests += 1
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            if self.fail_next > 0:
+                self.fail_next -= 1
+                message = {"error": {"message": f"injected failure {self.fail_status}", "type": "test"}}
+                return await self._json(send, self.fail_status, message)
+            if self.short_circuit:
+                return await self._canned_stream(send)
+            return await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    @staticmethod
+    async def _canned_stream(send) -> None:
+        """A fixed streamed answer in the OpenAI format: everything but the model."""
+        body = _chunk({"role": "assistant", "content": "ok"}, None) + _chunk({}, "stop") + b"data: [DONE]\n\n"
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": body})
+
+    def _stats(self) -> dict:
+        return {"in_flight": self.in_flight, "max_in_flight": self.max_in_flight, "requests": self.requests,
+                "delay": self.delay}
+
+    @staticmethod
+    async def _json(send, status: int, payload: dict) -> None:
+        body = json.dumps(payload).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _chunk(delta: dict, finish: str | None) -> bytes:
+    payload = {"id": "chatcmpl-fixed", "object": "chat.completion.chunk", "created": 0, "model": "tiny",
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return f"data: {json.dumps(payload)}\n\n".encode()
+
+
+def main() -> None:
+    import uvicorn
+    from llama_cpp.server.app import create_app
+    from llama_cpp.server.settings import ModelSettings, ServerSettings
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--api_key")
+    parser.add_argument("--delay", type=float, default=0.0)
+    args = parser.parse_args()
+    app = create_app(
+        server_settings=ServerSettings(
+            host="127.0.0.1", port=args.port, api_key=args.api_key, interrupt_requests=False
+        ),
+        model_settings=[ModelSettings(model=args.model, model_alias="tiny", n_ctx=512, verbose=False)],
+    )
+    uvicorn.run(Observed(app, args.delay), host="127.0.0.1", port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

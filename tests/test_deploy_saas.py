@@ -1,0 +1,157 @@
+"""SaaS deployments on a real Ray cluster against llama.cpp's real OpenAI server."""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from byzer_magic import chat, deploy
+from byzer_magic.backends.base import GenParams
+from byzer_magic.errors import BackendError, DeployError, NotDeployedError
+from byzer_magic.spec import parse_spec
+
+from .conftest import alive_replicas
+
+GREEDY = GenParams(temperature=0, max_tokens=8)
+
+
+def saas_spec(server, name: str, workers: int = 2, extra: str = ""):
+    key = server.api_key or "sk-unused-by-the-local-server"
+    return parse_spec(
+        f"--pretrained_model_type saas/openai --infer_params saas.api_key={key} saas.model=tiny "
+        f"saas.base_url={server.base_url} {extra} --num_workers {workers} --cpus_per_worker 0.001 "
+        f"--gpus_per_worker 0 --model {name}"
+    )
+
+
+@pytest.fixture
+def deployed(ray_head, clean_server, request):
+    """A fresh 2-worker SaaS deployment, removed (and checked gone) afterwards."""
+    name = request.node.name.replace("[", "_").replace("]", "")[:60]
+    status = deploy.deploy(saas_spec(clean_server, name))
+    assert status.state == "ready" and status.workers_ready == 2
+    yield name
+    if deploy.status(name).state != "stopped":
+        deploy.undeploy(name)
+    assert alive_replicas(name) == []
+
+
+def test_chat_streamed_and_whole_give_the_same_greedy_answer(deployed):
+    whole = chat.chat(deployed, "Hello there", GREEDY)
+    pieces = [d.text for d in chat.stream(deployed, chat.messages_for("Hello there"), GREEDY)]
+    assert whole.text and len(pieces) > 1
+    assert "".join(pieces) == whole.text
+    assert whole.finish_reason == "length"
+
+
+def test_eight_concurrent_chats_are_all_answered(deployed, clean_server):
+    clean_server.control(delay=0.2)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: chat.chat(deployed, f"question {i}", GREEDY), range(8)))
+    assert all(a.text for a in answers)
+    assert clean_server.stats()["requests"] == 8
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_a_saas_worker_never_holds_two_requests(ray_head, clean_server, workers):
+    name = f"conc{workers}"
+    deploy.deploy(saas_spec(clean_server, name, workers))
+    try:
+        clean_server.control(delay=0.3, reset=True)
+        with ThreadPoolExecutor(12) as pool:
+            list(pool.map(lambda i: chat.chat(name, "hi", GREEDY), range(12)))
+        seen = clean_server.stats()
+        assert seen["requests"] == 12
+        assert seen["max_in_flight"] == workers, "workers should be used in parallel, one request each"
+    finally:
+        deploy.undeploy(name)
+
+
+def test_scale_up_and_down_while_requests_run_loses_none(deployed, clean_server):
+    clean_server.control(delay=0.05)
+    answers: list = []
+    errors: list = []
+    stop = threading.Event()
+
+    def client():
+        while not stop.is_set():
+            try:
+                answers.append(chat.chat(deployed, "keep going", GREEDY).text)
+            except Exception as exc:  # noqa: BLE001 - any failure is what this test counts
+                errors.append(exc)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        up = deploy.scale(deployed, 3)
+        assert up.workers_ready == 3 and len(alive_replicas(deployed)) == 3
+        down = deploy.scale(deployed, 1)
+        assert down.workers_ready == 1
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert errors == []
+    assert len(answers) > 10 and all(answers)
+    assert clean_server.stats()["requests"] == len(answers)
+
+
+def test_undeploy_removes_every_actor_and_the_name(ray_head, clean_server):
+    deploy.deploy(saas_spec(clean_server, "gone_soon", 2))
+    assert len(alive_replicas("gone_soon")) == 2
+    deploy.undeploy("gone_soon")
+    assert alive_replicas("gone_soon") == []
+    assert "gone_soon" not in [row.name for row in deploy.list_deployments().rows]
+    with pytest.raises(NotDeployedError, match="gone_soon"):
+        deploy.undeploy("gone_soon")
+
+
+def test_deploying_a_taken_name_says_so_and_force_replaces_it(deployed, clean_server):
+    with pytest.raises(DeployError, match=f"%byzer_undeploy {deployed}"):
+        deploy.deploy(saas_spec(clean_server, deployed, 1))
+    assert deploy.status(deployed).workers_wanted == 2
+    replaced = deploy.deploy(saas_spec(clean_server, deployed, 1, extra="--force"))
+    assert replaced.workers_ready == 1 == len(alive_replicas(deployed))
+
+
+def test_list_shows_backend_and_model_but_never_the_key(deployed):
+    row = next(r for r in deploy.list_deployments().rows if r.name == deployed)
+    assert (row.backend, row.model, row.state) == ("saas", "tiny", "ready")
+    assert row.details["infer_params"]["saas.api_key"] == "***"
+    assert "sk-unused" not in repr(deploy.list_deployments()) + str(row.details)
+
+
+def test_a_bad_key_fails_the_deploy_readably_and_leaves_nothing(ray_head, tiny_model):
+    from .conftest import start_openai_server
+
+    server = start_openai_server(tiny_model.gguf, api_key="the-right-key")
+    try:
+        spec = parse_spec(
+            f"--pretrained_model_type saas/openai --infer_params saas.api_key=sk-wrong-key-0123456789 "
+            f"saas.model=tiny saas.base_url={server.base_url} --num_workers 2 --model badkey"
+        )
+        with pytest.raises(DeployError) as info:
+            deploy.deploy(spec)
+        assert "401" in str(info.value)
+        assert "sk-wrong-key-0123456789" not in str(info.value)
+        assert deploy.status("badkey").state == "stopped"
+        assert alive_replicas("badkey") == []
+    finally:
+        server.proc.terminate()
+
+
+def test_provider_errors_reach_the_caller_with_status_and_message(deployed, clean_server):
+    clean_server.control(fail_next=100, fail_status=400)
+    with pytest.raises(BackendError) as info:
+        chat.chat(deployed, "hi", GREEDY)
+    assert info.value.status_code == 400
+    assert "injected failure 400" in str(info.value)
+    clean_server.control(fail_next=0)
+    assert chat.chat(deployed, "hi", GREEDY).text
+
+
+def test_chat_with_an_unknown_name_is_a_clear_error(ray_head):
+    with pytest.raises(NotDeployedError, match="no_such_model"):
+        chat.chat("no_such_model", "hi")
