@@ -341,7 +341,9 @@ def _build(flags: _Flags) -> DeploySpec:
             f"--gpus_per_worker {gpus:g}: {backend} needs whole GPUs (it shards over them with "
             f"tensor parallelism); use 1, 2, ... or share a GPU with backend.gpu_memory_utilization"
         )
-    concurrency = v.get("worker_concurrency") or _default_concurrency(backend, params)
+    concurrency = v.get("worker_concurrency")
+    if concurrency is None:
+        concurrency = _default_concurrency(backend, params)
     if concurrency < 1:
         raise SpecError(f"--worker_concurrency must be 1 or more, got {concurrency}")
     timeout = v.get("deploy_timeout", 300.0)
