@@ -13,9 +13,10 @@ __version__ = "0.1.0"
 
 def load_ipython_extension(ipython: Any) -> None:
     """Called by `%load_ext byzer_magic`."""
-    from .magics import ByzerMagics
+    from .magics import ByzerMagics, keep_question_marks
 
     magics = ByzerMagics(shell=ipython)
     ipython.register_magics(magics)
-    if magics not in ipython.configurables:
-        ipython.configurables.append(magics)
+    ipython.configurables[:] = [c for c in ipython.configurables if not isinstance(c, ByzerMagics)] + [magics]
+    if keep_question_marks not in ipython.input_transformers_cleanup:
+        ipython.input_transformers_cleanup.append(keep_question_marks)

@@ -6,6 +6,7 @@ UsageError, which IPython prints as one paragraph without a traceback.
 from __future__ import annotations
 
 import functools
+import re
 import shlex
 import sys
 import time
@@ -173,6 +174,25 @@ class ByzerMagics(Magics, Configurable):
         deploy_api.undeploy(name, ray_address=self.ray_address)
         chat_api.forget(name)
         print(f"{name} undeployed")
+
+
+_CHAT_LINE = re.compile(r"^(\s*)%byzer_chat\s+(\S+\s+\S.*?)\s*$")
+
+
+def keep_question_marks(lines: list[str]) -> list[str]:
+    """Input transformer: `%byzer_chat NAME What is Ray?` is a question, not `Ray?` help.
+
+    IPython reads any line ending in `?` as a help request for its last word;
+    a chat line with a prompt becomes an explicit magic call before that rule runs.
+    `%byzer_chat?` and `%byzer_chat NAME?` still ask for help.
+    """
+    out = []
+    for line in lines:
+        match = _CHAT_LINE.match(line)
+        if match and line.rstrip().endswith("?"):
+            line = f"{match.group(1)}get_ipython().run_line_magic('byzer_chat', {match.group(2)!r})\n"
+        out.append(line)
+    return out
 
 
 def _one_name(line: str, usage: str) -> str:

@@ -1,0 +1,65 @@
+"""The llama_cpp backend on a real Ray cluster, against llama_cpp.Llama itself."""
+from __future__ import annotations
+
+import pytest
+
+from byzer_magic import chat, deploy
+from byzer_magic.backends.base import GenParams
+from byzer_magic.errors import DeployError
+from byzer_magic.spec import parse_spec
+
+from .conftest import alive_replicas
+
+PROMPT = [{"role": "user", "content": "Hello there, what is ray?"}]
+
+
+def llama_spec(path, name: str, extra: str = "") -> str:
+    return parse_spec(
+        f"--pretrained_model_type custom/auto --infer_backend llama_cpp --model_path {path} "
+        f"--infer_params n_ctx=512 n_gpu_layers=0 verbose=false {extra} --cpus_per_worker 1 --model {name}"
+    )
+
+
+def test_greedy_answer_equals_calling_llama_directly(ray_head, tiny_model):
+    from llama_cpp import Llama
+
+    direct = Llama(str(tiny_model.gguf), n_ctx=512, verbose=False)
+    expected = direct.create_chat_completion(PROMPT, temperature=0, max_tokens=16)["choices"][0]["message"]["content"]
+    direct.close()
+    assert expected
+
+    deploy.deploy(llama_spec(tiny_model.gguf, "llama_local"))
+    try:
+        gen = GenParams(temperature=0, max_tokens=16)
+        whole = chat.chat("llama_local", PROMPT, gen)
+        streamed = [d.text for d in chat.stream("llama_local", PROMPT, gen)]
+        assert whole.text == expected
+        assert "".join(streamed) == expected and len(streamed) > 1
+        assert whole.finish_reason == "length"
+    finally:
+        deploy.undeploy("llama_local")
+    assert alive_replicas("llama_local") == []
+
+
+def test_a_missing_model_path_is_refused_before_anything_starts(ray_head, tmp_path):
+    before = deploy.list_deployments()
+    with pytest.raises(DeployError, match="no such file"):
+        deploy.deploy(llama_spec(tmp_path / "absent.gguf", "absent"))
+    assert deploy.list_deployments() == before
+
+
+def test_a_file_that_is_not_gguf_is_refused_before_anything_starts(ray_head, tmp_path):
+    fake = tmp_path / "weights.gguf"
+    fake.write_bytes(b"PK\x03\x04 not a gguf at all")
+    with pytest.raises(DeployError, match="not a GGUF file"):
+        deploy.deploy(llama_spec(fake, "notgguf"))
+    assert deploy.status("notgguf").state == "stopped"
+
+
+def test_a_corrupt_gguf_fails_in_the_worker_and_leaves_nothing(ray_head, tiny_model, tmp_path):
+    corrupt = tmp_path / "truncated.gguf"
+    corrupt.write_bytes(tiny_model.gguf.read_bytes()[:4096])
+    with pytest.raises(DeployError, match="cannot load"):
+        deploy.deploy(llama_spec(corrupt, "corrupt", extra="--deploy_timeout 120"))
+    assert deploy.status("corrupt").state == "stopped"
+    assert alive_replicas("corrupt") == []
