@@ -63,9 +63,14 @@ def forget(name: str) -> None:
     _handles.pop(name, None)
 
 
-def _unwrap(exc: BaseException) -> BaseException:
+def _unwrap(name: str, exc: BaseException) -> BaseException:
     """Turn what Ray raises into the readable error the worker meant."""
     from ray.exceptions import RayActorError, RayTaskError
+    from ray.serve.exceptions import DeploymentUnavailableError
+
+    if isinstance(exc, DeploymentUnavailableError):
+        forget(name)
+        return NotDeployedError(f"{name!r} is no longer deployed (it was removed, perhaps from another kernel)")
 
     cause = getattr(exc, "cause", None) if isinstance(exc, RayTaskError) else None
     if isinstance(cause, ByzerError):
@@ -77,26 +82,29 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+def _ray_errors() -> tuple[type[BaseException], ...]:
+    from ray.exceptions import RayError
+    from ray.serve.exceptions import RayServeException
+
+    return (RayError, RayServeException)
+
+
 async def astream(name: str, messages: Messages, gen: GenParams | None = None) -> AsyncIterator[Delta]:
     """Stream deltas; must run on the client loop (see `run_on_client_loop`)."""
-    from ray.exceptions import RayError
-
     handle = _handle(name)
     try:
         async for delta in handle.options(stream=True).chat.remote(messages, gen or GenParams()):
             yield delta
-    except RayError as exc:
-        raise _unwrap(exc) from None
+    except _ray_errors() as exc:
+        raise _unwrap(name, exc) from None
 
 
 async def acomplete(name: str, messages: Messages, gen: GenParams | None = None) -> list[Delta]:
     """The whole answer as deltas, in one round trip; must run on the client loop."""
-    from ray.exceptions import RayError
-
     try:
         return await _handle(name).complete.remote(messages, gen or GenParams())
-    except RayError as exc:
-        raise _unwrap(exc) from None
+    except _ray_errors() as exc:
+        raise _unwrap(name, exc) from None
 
 
 @dataclass

@@ -28,9 +28,8 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, text in COMMANDS.items():
-        cmd = sub.add_parser(name, help=text, description=text, add_help=name != "deploy")
+        cmd = sub.add_parser(name, help=text, description=text)
         if name == "deploy":
-            cmd.add_argument("flags", nargs=argparse.REMAINDER)
             continue
         cmd.add_argument("--ray_address", help="Ray cluster address (default: RAY_ADDRESS or the running one)")
         if name != "list":
@@ -52,7 +51,11 @@ def _deploy_help() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["deploy"]:
+        args = argparse.Namespace(command="deploy", flags=argv[1:])
+    else:
+        args = _parser().parse_args(argv)
     try:
         return _run(args)
     except SpecError as exc:

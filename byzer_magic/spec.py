@@ -147,8 +147,14 @@ _TYPES: dict[str, Any] = {
 
 def build_parser(prog: str = "byzer-magic deploy") -> argparse.ArgumentParser:
     """The one parser for `%%byzer_deploy` and `byzer-magic deploy`."""
-    parser = _Parser(prog=prog, allow_abbrev=False, add_help=False, description=__doc__)
-    for flag, text in FLAG_HELP.items():
+    parser = _Parser(
+        prog=prog,
+        allow_abbrev=False,
+        add_help=False,
+        description="Deploy a model onto Ray as a set of workers; the flags are those of `byzerllm deploy`.",
+    )
+    for flag, raw in FLAG_HELP.items():
+        text = raw.replace("%", "%%")
         if flag == "infer_params":
             parser.add_argument("--infer_params", nargs="+", action="extend", metavar="KEY=VALUE", help=text)
         elif flag == "force":

@@ -1,0 +1,63 @@
+"""`byzer-magic` in separate processes: a deploy outlives its driver, a new one controls it."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+from .conftest import ROOT, alive_replicas, wait_until
+
+
+def cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run(["byzer-magic", *args], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+
+
+def test_a_new_process_lists_chats_scales_and_removes_an_earlier_deployment(ray_head, clean_server):
+    secret = "sk-cli-secret-abcdef0123456789"
+    deployed = cli("deploy", "--pretrained_model_type", "saas/openai", "--infer_params", "saas.api_key=${CLI_KEY}",
+                   "saas.model=tiny", f"saas.base_url={clean_server.base_url}", "--num_workers", "2",
+                   "--model", "restart_chat", "--ray_address", ray_head.address, env_extra={"CLI_KEY": secret})
+    assert deployed.returncode == 0, deployed.stderr
+    assert "restart_chat ready in" in deployed.stdout
+
+    listed = cli("list", "--ray_address", ray_head.address)
+    assert "restart_chat: ready, 2/2 workers, saas tiny" in listed.stdout
+
+    kernel = textwrap.dedent(f"""
+        from IPython.core.interactiveshell import InteractiveShell
+        ip = InteractiveShell.instance()
+        ip.run_line_magic("load_ext", "byzer_magic")
+        ip.run_cell("%config ByzerMagics.ray_address = '{ray_head.address}'")
+        ip.run_cell("%byzer_chat restart_chat -o reply --max_tokens 6 --temperature 0 What is Ray?")
+        print("REPLY=" + repr(ip.user_ns["reply"].text))
+    """)
+    second = subprocess.run([sys.executable, "-c", kernel], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert "REPLY='" in second.stdout and "REPLY=''" not in second.stdout, second.stdout + second.stderr
+
+    chatted = cli("chat", "restart_chat", "--max_tokens", "6", "--temperature", "0", "What", "is", "Ray?")
+    assert chatted.returncode == 0 and chatted.stdout.strip()
+
+    scaled = cli("scale", "restart_chat", "1")
+    assert scaled.returncode == 0 and "1/1 workers" in scaled.stdout
+    wait_until(lambda: len(alive_replicas("restart_chat")) == 1, 60, "the removed worker's graceful stop")
+
+    removed = cli("undeploy", "restart_chat")
+    assert removed.returncode == 0 and "restart_chat undeployed" in removed.stdout
+    assert alive_replicas("restart_chat") == []
+    for result in (deployed, listed, second, chatted, scaled, removed):
+        assert secret not in result.stdout + result.stderr
+
+
+def test_cli_errors_are_one_line_with_the_right_exit_status(ray_head):
+    bad = cli("deploy", "--model", "x", "--num_wokers", "2")
+    assert bad.returncode == 2
+    assert "Did you mean --num_workers?" in bad.stderr and "Traceback" not in bad.stderr
+
+    missing = cli("chat", "never_deployed", "hi")
+    assert missing.returncode == 1
+    assert "no deployment named 'never_deployed'" in missing.stderr and "Traceback" not in missing.stderr
+
+    helped = cli("deploy", "--help")
+    assert helped.returncode == 0 and "--pretrained_model_type" in helped.stdout and "saas.api_key" in helped.stdout
