@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Iterator, TypeVar
 
 from .backends.base import Delta, GenParams, Messages
+from .cluster import connect
 from .errors import BackendError, ByzerError, NotDeployedError
 
 T = TypeVar("T")
@@ -50,6 +51,7 @@ def _handle(name: str) -> Any:
 
     handle = _handles.get(name)
     if handle is None:
+        connect()
         try:
             handle = serve.get_app_handle(name)
         except RayServeException:

@@ -17,6 +17,28 @@ from .errors import DeployError
 _lock = threading.Lock()
 _serve_started = False
 
+SERVE_ENV = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+}
+"""Serve settings for the driver and the workers, unless the user set them.
+
+Throughput mode runs the router on the caller's loop and user code on the
+replica's loop, which brought a handle call from about 5 ms to the 1.4 ms of a
+plain actor call here; direct ingress is turned off because with it every
+replica held its deletion for about 30 s (and chat needs no HTTP).
+"""
+
+
+def serve_env() -> dict[str, str]:
+    """SERVE_ENV with the user's own values winning."""
+    return {key: os.environ.get(key, value) for key, value in SERVE_ENV.items()}
+
+
+for _key, _value in SERVE_ENV.items():
+    # Serve reads these once, when ray.serve is first imported: set them before that.
+    os.environ.setdefault(_key, _value)
+
 
 def running_cluster_address() -> str | None:
     """The address of a Ray cluster started on this machine that still answers."""
@@ -63,7 +85,7 @@ def connect(address: str | None = None, *, embedded_ok: bool = True) -> str:
     import ray
     from ray import serve
 
-    global _serve_started
+    global _serve_started, _embedded
     with _lock:
         if ray.is_initialized() and _serve_started:
             return ray.get_runtime_context().gcs_address
@@ -81,6 +103,7 @@ def connect(address: str | None = None, *, embedded_ok: bool = True) -> str:
                     ray.init(address=target, **kwargs)
                 else:
                     ray.init(address="local", include_dashboard=False, **kwargs)
+                    _embedded = True
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise DeployError(f"cannot connect to Ray at {target}: {exc}") from None
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
@@ -89,10 +112,13 @@ def connect(address: str | None = None, *, embedded_ok: bool = True) -> str:
         return ray.get_runtime_context().gcs_address
 
 
-def is_embedded() -> bool:
-    """True when this process started the cluster, so it ends with the process."""
-    import ray
+_embedded = False
 
-    return ray.is_initialized() and ray._private.worker.global_worker.node is not None and (
-        ray._private.worker.global_worker.node.head
-    )
+
+def worker_runtime_env() -> dict:
+    """What replicas need to share the driver's Serve settings.
+
+    An embedded cluster inherited them from this process already; an env_vars
+    runtime_env would only cost a fresh worker process per replica there.
+    """
+    return {} if _embedded else {"env_vars": serve_env()}

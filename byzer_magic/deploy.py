@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .cluster import connect
+from .cluster import connect, worker_runtime_env
 from .errors import DeployError, NotDeployedError, redact
 from .spec import DeploySpec
 from .status import DeploymentStatus, StatusTable
@@ -154,10 +154,16 @@ def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> Deployme
         num_replicas=spec.num_workers,
         max_ongoing_requests=spec.worker_concurrency,
         max_queued_requests=-1,
-        ray_actor_options={"num_cpus": spec.cpus_per_worker, "num_gpus": spec.gpus_per_worker},
+        ray_actor_options={
+            "num_cpus": spec.cpus_per_worker,
+            "num_gpus": spec.gpus_per_worker,
+            "runtime_env": worker_runtime_env(),
+        },
         user_config=spec.describe(),
         max_constructor_retry_count=1,
         graceful_shutdown_timeout_s=30,
+        graceful_shutdown_wait_loop_s=0.2,
+        request_router_config={"initial_backoff_s": 0.002, "max_backoff_s": 0.02},
     ).bind(spec)
     deadline = time.monotonic() + spec.deploy_timeout
     try:

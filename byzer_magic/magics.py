@@ -21,6 +21,7 @@ from traitlets.config import Configurable
 from . import chat as chat_api
 from . import deploy as deploy_api
 from .backends.base import GenParams
+from .cluster import connect
 from .errors import ByzerError
 from .spec import FLAG_HELP, parse_spec, settings_help
 from .status import DeploymentStatus
@@ -131,6 +132,7 @@ class ByzerMagics(Magics, Configurable):
             max_tokens=args.max_tokens if args.max_tokens is not None else self.max_tokens,
         )
         messages = chat_api.messages_for(text.strip(), args.system or self.system)
+        connect(self.ray_address)
         if self.stream and not args.no_stream:
             deltas = []
             for delta in chat_api.stream(args.name, messages, gen):

@@ -13,6 +13,13 @@ from .spec import DeploySpec
 WORKER_NAME = "ByzerWorker"
 
 
+def _merge(first: Delta | None, second: Delta) -> Delta:
+    if first is None:
+        return second
+    usage = {**(first.usage or {}), **(second.usage or {})} or None
+    return Delta("", second.finish_reason or first.finish_reason, usage)
+
+
 class Worker:
     """One worker of one deployment."""
 
@@ -30,12 +37,25 @@ class Worker:
         self._peak = 0
 
     async def chat(self, messages: Messages, gen: GenParams) -> AsyncIterator[Delta]:
-        """Stream an answer; Serve calls this with stream=True."""
+        """Stream an answer; Serve calls this with stream=True.
+
+        Text goes out as it comes; the text-less tail (finish reason, usage)
+        is folded into one last message, since each message costs a hop.
+        """
         self._in_flight += 1
         self._peak = max(self._peak, self._in_flight)
+        tail: Delta | None = None
         try:
             async for delta in self._backend.chat(messages, gen):
-                yield delta
+                if delta.text:
+                    if tail is not None:
+                        yield tail
+                        tail = None
+                    yield delta
+                else:
+                    tail = _merge(tail, delta)
+            if tail is not None:
+                yield tail
         finally:
             self._in_flight -= 1
 
