@@ -104,8 +104,9 @@ def connect(address: str | None = None, *, embedded_ok: bool = True) -> str:
                 else:
                     ray.init(address="local", include_dashboard=False, **kwargs)
                     _embedded = True
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise DeployError(f"cannot connect to Ray at {target}: {exc}") from None
+            except (ConnectionError, RuntimeError, ValueError, OSError) as exc:
+                where = f"connect to Ray at {target}" if target else "start a local Ray"
+                raise DeployError(f"cannot {where}: {exc}") from None
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
         _serve_started = True

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
+from pathlib import Path
 
 from .conftest import ROOT, alive_replicas, wait_until
 
@@ -61,3 +64,29 @@ def test_cli_errors_are_one_line_with_the_right_exit_status(ray_head):
 
     helped = cli("deploy", "--help")
     assert helped.returncode == 0 and "--pretrained_model_type" in helped.stdout and "saas.api_key" in helped.stdout
+
+
+def test_a_kernel_without_a_cluster_gets_an_embedded_ray_that_ends_with_it(clean_server):
+    """No RAY_ADDRESS and no cluster file: the kernel starts Ray itself, and takes it along when it exits."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="bze", dir="/tmp"))  # short: Ray's socket paths are limited
+    kernel = textwrap.dedent(f"""
+        from IPython.core.interactiveshell import InteractiveShell
+        ip = InteractiveShell.instance()
+        ip.run_line_magic("load_ext", "byzer_magic")
+        ip.run_cell('''%%byzer_deploy
+        --pretrained_model_type saas/openai --model embedded_chat
+        --infer_params saas.api_key=k saas.model=tiny saas.base_url={clean_server.base_url}''')
+        ip.run_cell("%byzer_chat embedded_chat -o reply --max_tokens 4 --temperature 0 hi")
+        print("REPLY=" + repr(ip.user_ns["reply"].text))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = str(ray_tmp)
+    run = subprocess.run([sys.executable, "-c", kernel], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert "REPLY='" in run.stdout and "REPLY=''" not in run.stdout, run.stdout + run.stderr
+
+    def leftovers() -> list[str]:
+        ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+        return [line for line in ps.splitlines() if str(ray_tmp) in line]
+
+    wait_until(lambda: not leftovers(), 60, "the embedded cluster's exit")
+    shutil.rmtree(ray_tmp, ignore_errors=True)
