@@ -51,7 +51,7 @@ def _handle(name: str) -> Any:
 
     handle = _handles.get(name)
     if handle is None:
-        connect()
+        connect(embedded_ok=False)
         try:
             handle = serve.get_app_handle(name)
         except RayServeException:

@@ -12,7 +12,7 @@ import os
 import socket
 import threading
 
-from .errors import DeployError
+from .errors import DeployError, NotDeployedError
 
 _lock = threading.Lock()
 _serve_started = False
@@ -41,11 +41,15 @@ for _key, _value in SERVE_ENV.items():
 
 
 def running_cluster_address() -> str | None:
-    """The address of a Ray cluster started on this machine that still answers."""
+    """The address of a `ray start` cluster on this machine that still answers.
+
+    Only the address file `ray start` writes counts: another kernel's embedded
+    Ray is that kernel's own, not a cluster to join.
+    """
     from ray._private.services import get_ray_address_from_environment
 
     try:
-        address = get_ray_address_from_environment("auto", None)
+        address = get_ray_address_from_environment(None, None)
     except (ConnectionError, ValueError, OSError):
         return None
     if not address:
@@ -92,9 +96,10 @@ def connect(address: str | None = None, *, embedded_ok: bool = True) -> str:
         if not ray.is_initialized():
             target = address or os.environ.get("RAY_ADDRESS") or running_cluster_address()
             if target is None and not embedded_ok:
-                raise DeployError(
-                    "no Ray cluster is running: start one with `ray start --head`, "
-                    "or pass --ray_address HOST:PORT"
+                raise NotDeployedError(
+                    "no Ray cluster is running (none at RAY_ADDRESS or on this machine), so nothing is "
+                    "deployed: `ray start --head` starts a shared one, %%byzer_deploy in a notebook starts "
+                    "one in its kernel, --ray_address names another"
                 )
             kwargs = dict(logging_level=logging.WARNING, log_to_driver=False, namespace="byzer_magic")
             try:

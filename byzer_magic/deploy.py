@@ -108,13 +108,13 @@ def _reason(message: str) -> str:
 
 def status(name: str, *, ray_address: str | None = None) -> DeploymentStatus:
     """The state of one deployment, read from the cluster."""
-    connect(ray_address)
+    connect(ray_address, embedded_ok=False)
     return _to_status(name, _serve_details().get("applications", {}).get(name))
 
 
 def list_deployments(*, ray_address: str | None = None) -> StatusTable:
     """Every byzer_magic deployment on the cluster, whoever deployed it."""
-    connect(ray_address)
+    connect(ray_address, embedded_ok=False)
     apps = _serve_details().get("applications", {})
     return StatusTable(tuple(_to_status(n, a) for n, a in sorted(apps.items()) if _ours(a)))
 

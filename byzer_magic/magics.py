@@ -132,7 +132,7 @@ class ByzerMagics(Magics, Configurable):
             max_tokens=args.max_tokens if args.max_tokens is not None else self.max_tokens,
         )
         messages = chat_api.messages_for(text.strip(), args.system or self.system)
-        connect(self.ray_address)
+        connect(self.ray_address, embedded_ok=False)
         if self.stream and not args.no_stream:
             deltas = []
             for delta in chat_api.stream(args.name, messages, gen):

@@ -33,8 +33,7 @@ class DeploymentStatus:
         )
         return f"{text} ({self.message})" if self.message and self.state != "ready" else text
 
-    def __str__(self) -> str:
-        return self.line()
+    __str__ = __repr__ = line
 
 
 @dataclass(frozen=True)

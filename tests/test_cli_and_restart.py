@@ -66,6 +66,12 @@ def test_cli_errors_are_one_line_with_the_right_exit_status(ray_head):
     assert helped.returncode == 0 and "--pretrained_model_type" in helped.stdout and "saas.api_key" in helped.stdout
 
 
+def ray_head_running() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
 def test_a_kernel_without_a_cluster_gets_an_embedded_ray_that_ends_with_it(clean_server):
     """No RAY_ADDRESS and no cluster file: the kernel starts Ray itself, and takes it along when it exits."""
     ray_tmp = Path(tempfile.mkdtemp(prefix="bze", dir="/tmp"))  # short: Ray's socket paths are limited
@@ -90,3 +96,18 @@ def test_a_kernel_without_a_cluster_gets_an_embedded_ray_that_ends_with_it(clean
 
     wait_until(lambda: not leftovers(), 60, "the embedded cluster's exit")
     shutil.rmtree(ray_tmp, ignore_errors=True)
+    if ray_head_running():
+        from byzer_magic import deploy
+
+        assert deploy.status("embedded_chat").state == "stopped", "it joined the test cluster instead"
+
+
+def test_without_any_cluster_list_says_so_instead_of_starting_one():
+    ray_tmp = tempfile.mkdtemp(prefix="bzn", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = ray_tmp
+    listed = subprocess.run(["byzer-magic", "list"], capture_output=True, text=True, timeout=120, env=env)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert listed.returncode == 1
+    assert "no Ray cluster is running" in listed.stderr and "ray start --head" in listed.stderr
+    assert "Traceback" not in listed.stderr
