@@ -104,9 +104,10 @@ def openai_server(tiny_model):
 @pytest.fixture
 def clean_server(openai_server):
     """The shared server with its counters reset and no delay or faults left over."""
-    openai_server.control(delay=0, fail_next=0, short_circuit=False, reset=True)
+    calm = dict(delay=0, fail_next=0, short_circuit=False, chunk_delay=0, reset=True)
+    openai_server.control(**calm)
     yield openai_server
-    openai_server.control(delay=0, fail_next=0, short_circuit=False, reset=True)
+    openai_server.control(**calm)
 
 
 @dataclass

@@ -3,8 +3,8 @@
 This is the real `llama_cpp.server` app serving the tiny GGUF; an ASGI
 middleware around it counts requests in flight (so tests can see how many a
 deployment sends at once), can add a fixed delay per request (a slow provider
-for the throughput benchmark), and can answer the next N requests with a
-chosen status (a provider's 429 or 5xx). Steer it with POST /_control and read
+for the throughput benchmark), can pause before each streamed chunk, and can
+answer the next N requests with a chosen status (a provider's 429 or 5xx). Steer it with POST /_control and read
 it with GET /_stats.
 
     python -m tests.support.openai_server --model m.gguf --port 8091 [--api_key K]
@@ -28,6 +28,7 @@ class Observed:
         self.fail_next = 0
         self.fail_status = 500
         self.short_circuit = False
+        self.chunk_delay = 0.0
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -37,7 +38,7 @@ class Observed:
             return await self._json(send, 200, self._stats())
         if path == "/_control":
             body = json.loads((await receive())["body"] or b"{}")
-            for key in ("delay", "fail_next", "fail_status", "short_circuit"):
+            for key in ("delay", "fail_next", "fail_status", "short_circuit", "chunk_delay"):
                 if key in body:
                     setattr(self, key, body[key])
             if body.get("reset"):
@@ -57,7 +58,7 @@ class Observed:
                 return await self._json(send, self.fail_status, message)
             if self.short_circuit:
                 return await self._canned_stream(send)
-            return await self.app(scope, receive, send)
+            return await self.app(scope, receive, self._paced(send))
         finally:
             self.in_flight -= 1
 
@@ -68,6 +69,16 @@ class Observed:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream")]})
         await send({"type": "http.response.body", "body": body})
+
+    def _paced(self, send):
+        """Send with a pause before each body chunk: a slow stream to interrupt mid-way."""
+
+        async def paced_send(message):
+            if self.chunk_delay and message["type"] == "http.response.body":
+                await asyncio.sleep(self.chunk_delay)
+            await send(message)
+
+        return paced_send
 
     def _stats(self) -> dict:
         return {"in_flight": self.in_flight, "max_in_flight": self.max_in_flight, "requests": self.requests,
