@@ -299,9 +299,11 @@ def _typed(key: str, value: Any) -> Any:
     kind = _TYPES.get(key)
     if kind is None or value is None:
         return value
-    if kind is int and isinstance(value, float) and value.is_integer():
-        value = int(value)
     try:
+        if kind is int and isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError
+            value = int(value)
         if kind is int and isinstance(value, str) and not re.fullmatch(r"[+-]?\d+", value.strip()):
             raise ValueError
         return kind(value)
