@@ -74,8 +74,11 @@ def ray_head_running() -> bool:
 
 def test_a_kernel_without_a_cluster_gets_an_embedded_ray_that_ends_with_it(clean_server):
     """No RAY_ADDRESS and no cluster file: the kernel starts Ray itself, and takes it along when it exits."""
+    import psutil
+
     ray_tmp = Path(tempfile.mkdtemp(prefix="bze", dir="/tmp"))  # short: Ray's socket paths are limited
     kernel = textwrap.dedent(f"""
+        import sys
         from IPython.core.interactiveshell import InteractiveShell
         ip = InteractiveShell.instance()
         ip.run_line_magic("load_ext", "byzer_magic")
@@ -83,23 +86,29 @@ def test_a_kernel_without_a_cluster_gets_an_embedded_ray_that_ends_with_it(clean
         --pretrained_model_type saas/openai --model embedded_chat
         --infer_params saas.api_key=k saas.model=tiny saas.base_url={clean_server.base_url}''')
         ip.run_cell("%byzer_chat embedded_chat -o reply --max_tokens 4 --temperature 0 hi")
-        print("REPLY=" + repr(ip.user_ns["reply"].text))
+        print("REPLY=" + repr(ip.user_ns["reply"].text), flush=True)
+        sys.stdin.readline()
     """)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_TMPDIR"] = str(ray_tmp)
-    run = subprocess.run([sys.executable, "-c", kernel], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    assert "REPLY='" in run.stdout and "REPLY=''" not in run.stdout, run.stdout + run.stderr
+    proc = subprocess.Popen([sys.executable, "-c", kernel], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, cwd=ROOT, env=env)
+    try:
+        reply = next((line for line in proc.stdout if line.startswith("REPLY=")), "")
+        assert reply.startswith("REPLY='") and reply.strip() != "REPLY=''", reply
+        family = psutil.Process(proc.pid).children(recursive=True)
+        assert any("raylet" in " ".join(p.cmdline()) for p in family), "the kernel runs its own Ray"
+        if ray_head_running():
+            from byzer_magic import deploy
 
-    def leftovers() -> list[str]:
-        ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-        return [line for line in ps.splitlines() if str(ray_tmp) in line]
-
-    wait_until(lambda: not leftovers(), 60, "the embedded cluster's exit")
-    shutil.rmtree(ray_tmp, ignore_errors=True)
-    if ray_head_running():
-        from byzer_magic import deploy
-
-        assert deploy.status("embedded_chat").state == "stopped", "it joined the test cluster instead"
+            assert deploy.status("embedded_chat").state == "stopped", "it joined the test cluster instead"
+        proc.stdin.close()
+        proc.wait(60)
+        wait_until(lambda: not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
+                   60, "every process of the embedded cluster to exit")
+    finally:
+        proc.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_without_any_cluster_list_says_so_instead_of_starting_one():
