@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
+import sys
 import threading
 
 from .errors import DeployError, NotDeployedError
@@ -109,6 +111,7 @@ def connect(address: str | None = None, *, embedded_ok: bool = True) -> str:
                 else:
                     ray.init(address="local", include_dashboard=False, **kwargs)
                     _embedded = True
+                    _start_reaper()
             except (ConnectionError, RuntimeError, ValueError, OSError) as exc:
                 where = f"connect to Ray at {target}" if target else "start a local Ray"
                 raise DeployError(f"cannot {where}: {exc}") from None
@@ -119,6 +122,17 @@ def connect(address: str | None = None, *, embedded_ok: bool = True) -> str:
 
 
 _embedded = False
+
+
+def _start_reaper() -> None:
+    """Watch this process so a killed kernel does not leave Ray's agents running."""
+    subprocess.Popen(
+        [sys.executable, "-m", "byzer_magic.reaper", str(os.getpid())],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def worker_runtime_env() -> dict:

@@ -120,3 +120,34 @@ def test_without_any_cluster_list_says_so_instead_of_starting_one():
     assert listed.returncode == 1
     assert "no Ray cluster is running" in listed.stderr and "ray start --head" in listed.stderr
     assert "Traceback" not in listed.stderr
+
+
+def test_a_killed_kernel_takes_its_embedded_ray_along(clean_server):
+    """SIGKILL gives the kernel no chance to shut Ray down; the reaper ends what is left."""
+    import psutil
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="bzk", dir="/tmp"))
+    kernel = textwrap.dedent(f"""
+        import sys
+        from byzer_magic import deploy
+        from byzer_magic.spec import parse_spec
+        deploy.deploy(parse_spec("--pretrained_model_type saas/openai --model doomed --infer_params "
+                                 "saas.api_key=k saas.model=tiny saas.base_url={clean_server.base_url}"))
+        print("DEPLOYED", flush=True)
+        sys.stdin.readline()
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = str(ray_tmp)
+    proc = subprocess.Popen([sys.executable, "-c", kernel], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, cwd=ROOT, env=env)
+    try:
+        assert next((line for line in proc.stdout if line.startswith("DEPLOYED")), "")
+        family = psutil.Process(proc.pid).children(recursive=True)
+        assert any("Agent" in p.name() for p in family), "Ray's agents run while the kernel lives"
+        proc.kill()
+        proc.wait(10)
+        wait_until(lambda: not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
+                   60, "every process of the killed kernel's Ray to exit")
+    finally:
+        proc.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
