@@ -163,6 +163,8 @@ def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> Deployme
         max_constructor_retry_count=1,
         graceful_shutdown_timeout_s=30,
         graceful_shutdown_wait_loop_s=0.2,
+        health_check_period_s=2,
+        health_check_timeout_s=10,
         request_router_config={"initial_backoff_s": 0.002, "max_backoff_s": 0.02},
     ).bind(spec)
     deadline = time.monotonic() + spec.deploy_timeout

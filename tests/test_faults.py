@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -72,14 +73,24 @@ def _replica_pids(name: str) -> list[int]:
 
 def test_a_killed_worker_is_replaced_and_no_request_hangs(ray_head, clean_server):
     deploy.deploy(saas_spec(clean_server, "victim", 2))
+    seen: set[str] = set()
+    stop = threading.Event()
     try:
         clean_server.control(delay=1.0)
         pids = _replica_pids("victim")
         assert len(pids) == 2
+
+        def watch() -> None:
+            while not stop.is_set():
+                seen.add(deploy.status("victim").state)
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=watch)
         with ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(chat.chat, "victim", f"q{i}", SHORT) for i in range(6)]
             time.sleep(0.5)
             os.kill(pids[0], signal.SIGKILL)
+            watcher.start()
             outcomes = []
             for future in futures:
                 try:
@@ -91,10 +102,12 @@ def test_a_killed_worker_is_replaced_and_no_request_hangs(ray_head, clean_server
         assert all("worker died" in str(e) for e in failed), failed
         assert len(failed) < 6
         clean_server.control(delay=0)
+        wait_until(lambda: "degraded" in seen, 30, "a degraded status")
         wait_until(lambda: deploy.status("victim").workers_ready == 2 and pids[0] not in _replica_pids("victim")
                    and len(_replica_pids("victim")) == 2, 60, "a replacement worker")
         assert chat.chat("victim", "after", SHORT).text
     finally:
+        stop.set()
         clean_server.control(delay=0)
         deploy.undeploy("victim")
 
