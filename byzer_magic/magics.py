@@ -12,7 +12,9 @@ import sys
 import time
 from typing import Any, Callable
 
+import ipywidgets as widgets
 from IPython.core.error import UsageError
+from IPython.display import display
 from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Bool, Float, Int, Unicode
@@ -25,6 +27,7 @@ from .cluster import connect
 from .errors import ByzerError
 from .spec import FLAG_HELP, parse_spec, settings_help
 from .status import DeploymentStatus
+from .widgets import StatusCard
 
 
 def _friendly(method: Callable) -> Callable:
@@ -77,6 +80,7 @@ class ByzerMagics(Magics, Configurable):
     temperature = Float(None, allow_none=True, help="default --temperature for %byzer_chat").tag(config=True)
     system = Unicode(None, allow_none=True, help="default --system prompt for %byzer_chat").tag(config=True)
     ray_address = Unicode(None, allow_none=True, help="Ray cluster for every magic; overrides RAY_ADDRESS").tag(config=True)
+    card_interval = Float(2.0, help="seconds between a status card's updates from the cluster").tag(config=True)
 
     def __init__(self, shell: Any = None, **kwargs: Any):
         Configurable.__init__(self, config=shell.config if shell else None)
@@ -84,16 +88,26 @@ class ByzerMagics(Magics, Configurable):
 
     @cell_magic
     @_friendly
-    def byzer_deploy(self, line: str, cell: str) -> DeploymentStatus:
+    def byzer_deploy(self, line: str, cell: str) -> DeploymentStatus | None:
         spec = parse_spec(f"{line}\n{cell}")
         if self.ray_address and not spec.ray_address:
             from dataclasses import replace
 
             spec = replace(spec, ray_address=self.ray_address)
         started = time.monotonic()
-        result = deploy_api.deploy(spec, on_progress=self._progress)
-        print(f"{spec.name} ready in {time.monotonic() - started:.1f} s: chat with %byzer_chat {spec.name} ...")
-        return result
+        if not self._in_notebook():
+            result = deploy_api.deploy(spec, on_progress=self._progress)
+            print(f"{spec.name} ready in {time.monotonic() - started:.1f} s: chat with %byzer_chat {spec.name} ...")
+            return result
+        card = self._card(DeploymentStatus(spec.name, "deploying", 0, spec.num_workers, "", spec.describe()))
+        display(card)
+        try:
+            card.refresh(deploy_api.deploy(spec, on_progress=card.refresh))
+        except ByzerError as exc:
+            card.refresh(DeploymentStatus(spec.name, "failed", 0, spec.num_workers, str(exc), spec.describe()))
+            raise
+        card.start_updates()
+        return None
 
     byzer_deploy.__doc__ = _deploy_doc()
 
@@ -150,8 +164,31 @@ class ByzerMagics(Magics, Configurable):
     @line_magic
     @_friendly
     def byzer_list(self, line: str = ""):
-        """List every deployment on the cluster, from any kernel: `%byzer_list`."""
-        return deploy_api.list_deployments(ray_address=self.ray_address)
+        """List every deployment on the cluster, from any kernel: `%byzer_list`.
+
+        In a notebook each one is a live card with +, - and Stop.
+        """
+        table = deploy_api.list_deployments(ray_address=self.ray_address)
+        if not self._in_notebook() or not table.rows:
+            return table
+        cards = [self._card(row) for row in table.rows]
+        for card in cards:
+            card.start_updates()
+        display(widgets.VBox(cards))
+        return None
+
+    def _in_notebook(self) -> bool:
+        """A Jupyter kernel draws widgets; a terminal IPython gets text."""
+        return getattr(self.shell, "kernel", None) is not None
+
+    def _card(self, status: DeploymentStatus) -> StatusCard:
+        return StatusCard(
+            status,
+            fetch=deploy_api.status,
+            scale=lambda name, n: deploy_api.scale(name, n),
+            stop=lambda name: (deploy_api.undeploy(name), chat_api.forget(name)),
+            interval=self.card_interval,
+        )
 
     @line_magic
     @_friendly

@@ -49,18 +49,30 @@ class Observed:
         self.requests += 1
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        done = False
+
+        async def counted_send(message):
+            # The request stops counting as its last byte is handed over, before the
+            # client can see the end and send its next request: an exact count.
+            nonlocal done
+            if not done and message["type"] == "http.response.body" and not message.get("more_body"):
+                done = True
+                self.in_flight -= 1
+            await send(message)
+
         try:
             if self.delay:
                 await asyncio.sleep(self.delay)
             if self.fail_next > 0:
                 self.fail_next -= 1
                 message = {"error": {"message": f"injected failure {self.fail_status}", "type": "test"}}
-                return await self._json(send, self.fail_status, message)
+                return await self._json(counted_send, self.fail_status, message)
             if self.short_circuit:
-                return await self._canned_stream(send)
-            return await self.app(scope, receive, self._paced(send))
+                return await self._canned_stream(counted_send)
+            return await self.app(scope, receive, self._paced(counted_send))
         finally:
-            self.in_flight -= 1
+            if not done:
+                self.in_flight -= 1
 
     @staticmethod
     async def _canned_stream(send) -> None:

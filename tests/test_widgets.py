@@ -1,0 +1,72 @@
+"""The status card as a Python object (as ipywidgets tests its own), then driving a real deployment."""
+from __future__ import annotations
+
+import json
+import threading
+
+from byzer_magic import deploy
+from byzer_magic.status import DeploymentStatus
+from byzer_magic.widgets import StatusCard
+
+from .conftest import alive_replicas, wait_until
+from .test_deploy_saas import saas_spec
+
+DETAILS = {"backend": "saas", "model": "tiny", "pretrained_model_type": "saas/openai", "worker_concurrency": 1,
+           "cpus_per_worker": 0.001, "gpus_per_worker": 0, "base_url": "http://127.0.0.1:1/v1",
+           "infer_params": {"saas.api_key": "***", "saas.model": "tiny"}}
+
+
+def card_state(card: StatusCard) -> str:
+    return json.dumps([w.get_state() for w in (card.title, card.body, card.error, card.plus, card.minus,
+                                                 card.stop_button)], default=str)
+
+
+def test_buttons_follow_the_state():
+    noop_scale = deploy.scale
+    card = StatusCard(DeploymentStatus("c", "ready", 1, 1, "", DETAILS), scale=noop_scale, stop=deploy.undeploy)
+    assert (card.plus.disabled, card.minus.disabled, card.stop_button.disabled) == (False, True, False)
+    card.refresh(DeploymentStatus("c", "ready", 3, 3, "", DETAILS))
+    assert not card.minus.disabled
+    card.refresh(DeploymentStatus("c", "degraded", 2, 3, "HEALTH_CHECK_FAILED", DETAILS))
+    assert "HEALTH_CHECK_FAILED" in card.error.value and "degraded" in card.title.value
+    card.refresh(DeploymentStatus("c", "failed", 0, 2, "saas (HTTP 401): bad key", DETAILS))
+    assert "401" in card.error.value
+    assert card.plus.disabled and card.minus.disabled and card.stop_button.disabled
+    card.refresh(DeploymentStatus("c", "stopped", 0, 0, "", DETAILS))
+    assert card.plus.disabled and card.minus.disabled and card.stop_button.disabled
+
+
+def test_a_card_without_actions_offers_no_buttons():
+    card = StatusCard(DeploymentStatus("c", "ready", 2, 2, "", DETAILS))
+    assert card.plus.disabled and card.minus.disabled and card.stop_button.disabled
+
+
+def test_the_card_shows_what_matters_and_never_a_key():
+    card = StatusCard(DeploymentStatus("c", "ready", 2, 2, "", DETAILS))
+    state = card_state(card)
+    for needle in ("2 ready / 2 wanted", "saas/openai", "tiny", "127.0.0.1:1"):
+        assert needle in state
+    assert "api_key" not in state
+
+
+def test_plus_minus_and_stop_drive_a_real_deployment(ray_head, clean_server):
+    status = deploy.deploy(saas_spec(clean_server, "carded", 1))
+    card = StatusCard(status, fetch=deploy.status, scale=deploy.scale, stop=deploy.undeploy, interval=0.2)
+    card.start_updates()
+    try:
+        card.plus.click()
+        assert card.plus.disabled, "no second click while a change is in flight"
+        wait_until(lambda: card.status.workers_ready == 2 and not card.plus.disabled, 60, "a second worker")
+        assert len(alive_replicas("carded")) == 2
+        card.minus.click()
+        wait_until(lambda: card.status.workers_wanted == 1 and card.status.state == "ready", 60, "back to one")
+        card.stop_button.click()
+        wait_until(lambda: card.status.state == "stopped", 60, "the card to show stopped")
+        assert card.plus.disabled and card.minus.disabled and card.stop_button.disabled
+        assert deploy.status("carded").state == "stopped"
+        wait_until(lambda: alive_replicas("carded") == [], 60, "the workers to go")
+    finally:
+        card.close()
+        if deploy.status("carded").state != "stopped":
+            deploy.undeploy("carded")
+    assert not [t for t in threading.enumerate() if t.name == "byzer-card-carded" and t.is_alive()]
