@@ -106,6 +106,8 @@ def clean_server(openai_server):
     """The shared server with its counters reset and no delay or faults left over."""
     calm = dict(delay=0, fail_next=0, short_circuit=False, chunk_delay=0, reset=True)
     openai_server.control(**calm)
+    wait_until(lambda: openai_server.stats()["in_flight"] == 0, 60, "the server to finish earlier tests' requests")
+    openai_server.control(reset=True)
     yield openai_server
     openai_server.control(**calm)
 
