@@ -12,6 +12,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from byzer_magic import chat, deploy
 from byzer_magic.backends.base import GenParams
 from byzer_magic.spec import parse_args
+from byzer_magic.widgets import StatusCard
 
 from .conftest import alive_replicas
 from .test_deploy_saas import saas_spec
@@ -61,7 +62,7 @@ def test_1000_chats_from_64_clients_on_4_workers(ray_head, clean_server, capsys)
 
 
 def test_a_key_given_three_ways_appears_nowhere(ray_head, clean_server, tmp_path, capfd):
-    """Flag, ${VAR} and YAML: grep output, reprs, errors, Serve's state, actors and the cluster's logs."""
+    """Flag, ${VAR} and YAML: grep output, reprs, errors, cards, Serve's state, actors and the cluster's logs."""
     from ray.serve.context import _get_global_client
     from ray.util.state import list_actors
 
@@ -94,6 +95,9 @@ def test_a_key_given_three_ways_appears_nowhere(ray_head, clean_server, tmp_path
         ip.run_cell(f"%%byzer_deploy\n--model key_bad --infer_params saas.api_key={keys['flag']} saas.modle=x "
                     "--pretrained_model_type saas/openai")
         texts.append("".join(capfd.readouterr()))
+        for spec in specs.values():
+            card = StatusCard(deploy.status(spec.name))
+            texts.append(json.dumps([w.get_state() for w in (card.title, card.body, card.error)], default=str))
         texts.append(json.dumps(_get_global_client().get_serve_details(), default=str))
         texts.append(repr(list_actors(detail=True, limit=10000)))
     finally:
