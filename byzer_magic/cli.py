@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _deploy_help() -> str:
-    from .spec import build_parser, settings_help
+    from .flags import build_parser
+    from .spec import settings_help
 
     return build_parser().format_help() + "\n" + settings_help()
 

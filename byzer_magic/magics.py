@@ -25,7 +25,8 @@ from . import deploy as deploy_api
 from .backends.base import GenParams
 from .cluster import connect
 from .errors import ByzerError
-from .spec import FLAG_HELP, parse_spec, settings_help
+from .flags import FLAG_HELP
+from .spec import parse_spec, settings_help
 from .status import DeploymentStatus
 from .widgets import StatusCard
 

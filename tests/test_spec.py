@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from byzer_magic.errors import SpecError
-from byzer_magic.spec import FLAG_HELP, parse_args, parse_spec
+from byzer_magic.flags import FLAG_HELP
+from byzer_magic.spec import parse_args, parse_spec
 
 ENV = {"MODEL_QIANWEN_TOKEN": "sk-qianwen-secret-42", "KEY": "sk-key-secret-77", "N": "3"}
 

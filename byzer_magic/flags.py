@@ -1,0 +1,186 @@
+"""Flag text -> raw values: split a cell, merge --file YAML under argv, expand ${VAR}.
+
+Everything here is about reading what the user wrote; what the values mean
+and whether they are valid is spec.py's business.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .backends import LOCAL_BACKENDS
+from .errors import SpecError
+
+_ENV_VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+_SECRET_KEY = re.compile(r"(key|token|secret|password)", re.IGNORECASE)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises SpecError instead of printing usage and exiting."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise SpecError(message)
+
+
+@dataclass
+class Flags:
+    """Flag values after YAML and argv are merged; None means 'not given'."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    infer_params: dict[str, Any] = field(default_factory=dict)
+
+
+FLAG_HELP: dict[str, str] = {
+    "model": "deployment name, used by %byzer_chat, %byzer_scale and %byzer_undeploy (required)",
+    "pretrained_model_type": "saas/<provider>, custom/auto (vllm or llama_cpp), default custom/auto",
+    "infer_backend": f"local backend for custom/auto: {', '.join(LOCAL_BACKENDS)}",
+    "model_path": "local weights: a model directory, or a .gguf file for llama_cpp",
+    "num_workers": "workers (Ray Serve replicas), default 1",
+    "worker_concurrency": "requests one worker takes at once; default 1 (SaaS, llama_cpp), engine-sized for vllm",
+    "cpus_per_worker": "Ray CPUs per worker, fractions allowed, default 0.001",
+    "gpus_per_worker": "Ray GPUs per worker, default 0",
+    "infer_params": "key=value settings: saas.* for SaaS, backend.* for vllm, plain keys for llama_cpp",
+    "ray_address": "Ray cluster to use; default RAY_ADDRESS, else the running one, else a local one",
+    "file": "YAML file with the same keys; flags given here override it",
+    "force": "replace a deployment that already has this name",
+    "deploy_timeout": "seconds to wait for every worker to be ready, default 300",
+}
+
+
+def build_parser(prog: str = "byzer-magic deploy") -> argparse.ArgumentParser:
+    """The one parser for `%%byzer_deploy` and `byzer-magic deploy`."""
+    parser = _Parser(
+        prog=prog,
+        allow_abbrev=False,
+        add_help=False,
+        description="Deploy a model onto Ray as a set of workers; the flags are those of `byzerllm deploy`.",
+    )
+    for flag, raw in FLAG_HELP.items():
+        text = raw.replace("%", "%%")
+        if flag == "infer_params":
+            parser.add_argument("--infer_params", nargs="+", action="extend", metavar="KEY=VALUE", help=text)
+        elif flag == "force":
+            parser.add_argument("--force", action="store_true", default=None, help=text)
+        else:
+            parser.add_argument(f"--{flag}", type=str, metavar=flag.upper(), help=text)
+    return parser
+
+
+def split_cell(text: str) -> list[str]:
+    """A cell's words: backslash continuations joined, `#` comments and a leading `byzerllm deploy` dropped."""
+    joined = re.sub(r"\\[ \t]*\r?\n", " ", text)
+    try:
+        tokens = shlex.split(joined, comments=True)
+    except ValueError as exc:
+        raise SpecError(f"cannot split the cell into flags: {exc} (an unclosed quote?)") from None
+    if tokens[:2] == ["byzerllm", "deploy"]:
+        tokens = tokens[2:]
+    return tokens
+
+
+def secrets_in(tokens: Sequence[str]) -> list[str]:
+    """Literal values of secret-looking keys (api_key=..., token=...), to redact from errors."""
+    found = []
+    for token in tokens:
+        key, sep, value = token.partition("=")
+        if sep and _SECRET_KEY.search(key) and value and not _ENV_VAR.fullmatch(value):
+            found.append(value)
+    return found
+
+
+def secrets_in_env(tokens: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    """Values of the environment variables named in secret-looking tokens."""
+    found = []
+    for token in tokens:
+        key, sep, value = token.partition("=")
+        if sep and _SECRET_KEY.search(key):
+            found.extend(env.get(a or b, "") for a, b in _ENV_VAR.findall(value))
+    return [v for v in found if v]
+
+
+def read_flags(argv: list[str], env: Mapping[str, str]) -> Flags:
+    """argv over --file YAML, with ${VAR} expanded; unknown flags refused with a suggestion."""
+    parser = build_parser()
+    known, extra = parser.parse_known_args(argv)
+    if extra:
+        raise SpecError(_unknown_flag_message(extra[0]))
+    given = {k: v for k, v in vars(known).items() if v is not None}
+    flags = Flags()
+    if "file" in given:
+        flags = _read_yaml(given.pop("file"), env)
+    for token in given.pop("infer_params", []):
+        key, sep, value = token.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--infer_params takes key=value pairs, got {token!r}")
+        flags.infer_params[key.strip()] = _expand(value, env, f"--infer_params {key}")
+    for key, value in given.items():
+        flags.values[key] = _expand(value, env, f"--{key}") if isinstance(value, str) else value
+    return flags
+
+
+def _unknown_flag_message(token: str) -> str:
+    valid = [f"--{name}" for name in FLAG_HELP]
+    flag = token.split("=", 1)[0]
+    if not flag.startswith("-"):
+        return (
+            f"unexpected word {token!r}: every value must follow a flag "
+            f"(is a flag missing before it, or a space inside a value that needs quotes?)"
+        )
+    close = difflib.get_close_matches(flag.replace("-", "_").lstrip("_"), [v[2:] for v in valid], n=1)
+    hint = f" Did you mean --{close[0]}?" if close else ""
+    return f"unknown flag {flag}.{hint} Valid flags: {', '.join(valid)}."
+
+
+def _read_yaml(path: str, env: Mapping[str, str]) -> Flags:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).expanduser().read_text())
+    except OSError as exc:
+        raise SpecError(f"--file {path}: cannot read it ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"--file {path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"--file {path}: expected a mapping of flag names to values")
+    flags = Flags()
+    for raw_key, value in data.items():
+        key = str(raw_key).lstrip("-").replace("-", "_")
+        where = f"{key} in {path}"
+        if key == "infer_params":
+            flags.infer_params.update(_yaml_params(value, env, path))
+        elif key in FLAG_HELP and key != "file":
+            flags.values[key] = _expand(value, env, where) if isinstance(value, str) else value
+        else:
+            close = difflib.get_close_matches(key, list(FLAG_HELP), n=1)
+            hint = f" Did you mean {close[0]}?" if close else ""
+            raise SpecError(f"--file {path}: unknown key {key!r}.{hint} Valid keys: {', '.join(FLAG_HELP)}.")
+    return flags
+
+
+def _yaml_params(value: Any, env: Mapping[str, str], path: str) -> dict[str, Any]:
+    if isinstance(value, dict):
+        items = [(str(k), v) for k, v in value.items()]
+    elif isinstance(value, list):
+        items = [tuple(str(v).partition("=")[::2]) for v in value]
+    elif isinstance(value, str):
+        items = [tuple(v.partition("=")[::2]) for v in value.split()]
+    else:
+        raise SpecError(f"--file {path}: infer_params must be a mapping or a list of key=value")
+    return {k: _expand(v, env, f"infer_params {k} in {path}") if isinstance(v, str) else v for k, v in items}
+
+
+def _expand(value: str, env: Mapping[str, str], where: str) -> str:
+    """Replace ${VAR} and $VAR from the environment; an unset one is an error."""
+
+    def lookup(match: re.Match) -> str:
+        name = match.group(1) or match.group(2)
+        if name not in env:
+            raise SpecError(f"{where}: environment variable ${name} is not set (export it, or %env {name}=...)")
+        return env[name]
+
+    return _ENV_VAR.sub(lookup, value)
