@@ -1,6 +1,7 @@
 """`byzer-magic` in separate processes: a deploy outlives its driver, a new one controls it."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -72,12 +73,32 @@ def ray_head_running() -> bool:
     return ray.is_initialized()
 
 
+@contextlib.contextmanager
+def lone_kernel(code: str):
+    """A kernel process that sees no cluster (no RAY_ADDRESS, an empty RAY_TMPDIR), removed afterwards."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="bzk", dir="/tmp"))  # short: Ray's socket paths are limited
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = str(ray_tmp)
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT, env=env)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def wait_all_gone(family: list, what: str) -> None:
+    import psutil
+
+    wait_until(lambda: not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], 60, what)
+
+
 def test_a_kernel_without_a_cluster_gets_an_embedded_ray_that_ends_with_it(clean_server):
     """No RAY_ADDRESS and no cluster file: the kernel starts Ray itself, and takes it along when it exits."""
     import psutil
 
-    ray_tmp = Path(tempfile.mkdtemp(prefix="bze", dir="/tmp"))  # short: Ray's socket paths are limited
-    kernel = textwrap.dedent(f"""
+    with lone_kernel(f"""
         import sys
         from IPython.core.interactiveshell import InteractiveShell
         ip = InteractiveShell.instance()
@@ -88,12 +109,7 @@ def test_a_kernel_without_a_cluster_gets_an_embedded_ray_that_ends_with_it(clean
         ip.run_cell("%byzer_chat embedded_chat -o reply --max_tokens 4 --temperature 0 hi")
         print("REPLY=" + repr(ip.user_ns["reply"].text), flush=True)
         sys.stdin.readline()
-    """)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_TMPDIR"] = str(ray_tmp)
-    proc = subprocess.Popen([sys.executable, "-c", kernel], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, cwd=ROOT, env=env)
-    try:
+    """) as proc:
         reply = next((line for line in proc.stdout if line.startswith("REPLY=")), "")
         assert reply.startswith("REPLY='") and reply.strip() != "REPLY=''", reply
         family = psutil.Process(proc.pid).children(recursive=True)
@@ -104,11 +120,7 @@ def test_a_kernel_without_a_cluster_gets_an_embedded_ray_that_ends_with_it(clean
             assert deploy.status("embedded_chat").state == "stopped", "it joined the test cluster instead"
         proc.stdin.close()
         proc.wait(60)
-        wait_until(lambda: not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
-                   60, "every process of the embedded cluster to exit")
-    finally:
-        proc.kill()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        wait_all_gone(family, "every process of the embedded cluster to exit")
 
 
 def test_without_any_cluster_list_says_so_instead_of_starting_one():
@@ -126,8 +138,7 @@ def test_a_killed_kernel_takes_its_embedded_ray_along(clean_server):
     """SIGKILL gives the kernel no chance to shut Ray down; the reaper ends what is left."""
     import psutil
 
-    ray_tmp = Path(tempfile.mkdtemp(prefix="bzk", dir="/tmp"))
-    kernel = textwrap.dedent(f"""
+    with lone_kernel(f"""
         import sys
         from byzer_magic import deploy
         from byzer_magic.spec import parse_spec
@@ -135,19 +146,10 @@ def test_a_killed_kernel_takes_its_embedded_ray_along(clean_server):
                                  "saas.api_key=k saas.model=tiny saas.base_url={clean_server.base_url}"))
         print("DEPLOYED", flush=True)
         sys.stdin.readline()
-    """)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_TMPDIR"] = str(ray_tmp)
-    proc = subprocess.Popen([sys.executable, "-c", kernel], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, cwd=ROOT, env=env)
-    try:
+    """) as proc:
         assert next((line for line in proc.stdout if line.startswith("DEPLOYED")), "")
         family = psutil.Process(proc.pid).children(recursive=True)
         assert any("Agent" in p.name() for p in family), "Ray's agents run while the kernel lives"
         proc.kill()
         proc.wait(10)
-        wait_until(lambda: not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
-                   60, "every process of the killed kernel's Ray to exit")
-    finally:
-        proc.kill()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        wait_all_gone(family, "every process of the killed kernel's Ray to exit")
