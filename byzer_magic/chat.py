@@ -78,7 +78,7 @@ def _unwrap(name: str, exc: BaseException) -> BaseException:
     if isinstance(cause, ByzerError):
         return cause
     if isinstance(exc, RayActorError):
-        return BackendError("worker", None, f"the worker died while answering: {exc.error_msg if hasattr(exc, 'error_msg') else exc}")
+        return BackendError("worker", None, f"the worker died while answering: {getattr(exc, 'error_msg', exc)}")
     if isinstance(exc, RayTaskError):
         return BackendError("worker", None, str(cause or exc).strip().splitlines()[-1])
     return exc

@@ -213,11 +213,10 @@ def scale(
     if workers < 1:
         raise DeployError(f"cannot scale to {workers} workers: use 1 or more, or %byzer_undeploy {name} to stop it")
     current = require(name, ray_address=ray_address)
-    config = _serve_details()["applications"][name]["deployments"][WORKER_NAME]["deployment_config"]
-    options = config.get("ray_actor_options", {})
     extra = max(0, workers - current.workers_wanted)
     if extra:
-        _check_resources(extra, options.get("num_cpus", 0) or 0, options.get("num_gpus", 0) or 0)
+        per_worker = current.details
+        _check_resources(extra, per_worker.get("cpus_per_worker") or 0, per_worker.get("gpus_per_worker") or 0)
     controller = _get_global_client()._controller
     ray.get(controller.update_deployment_replicas.remote(DeploymentID(WORKER_NAME, name), workers))
     return _wait(name, workers, time.monotonic() + timeout, on_progress, "the scale timeout")
