@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator, Awaitable, Iterator, TypeVar
 from .backends.base import Delta, GenParams, Messages
 from .cluster import connect
 from .errors import BackendError, ByzerError, NotDeployedError
+from .worker import WORKER_NAME
 
 T = TypeVar("T")
 _loop: asyncio.AbstractEventLoop | None = None
@@ -46,16 +47,20 @@ def run_on_client_loop(coro: Awaitable[T], timeout: float | None = None) -> T:
 
 
 def _handle(name: str) -> Any:
+    import ray
     from ray import serve
     from ray.serve.exceptions import RayServeException
 
     handle = _handles.get(name)
     if handle is None:
-        connect(embedded_ok=False)
+        if not ray.is_initialized():
+            connect(embedded_ok=False)
         try:
             handle = serve.get_app_handle(name)
         except RayServeException:
-            raise NotDeployedError(f"no deployment named {name!r}: deploy it with %%byzer_deploy, see %byzer_list") from None
+            handle = None
+        if handle is None or handle.deployment_name != WORKER_NAME:
+            raise NotDeployedError(f"no deployment named {name!r}: deploy it with %%byzer_deploy, see %byzer_list")
         _handles[name] = handle
     return handle
 
@@ -91,8 +96,11 @@ def _ray_errors() -> tuple[type[BaseException], ...]:
     return (RayError, RayServeException)
 
 
-async def astream(name: str, messages: Messages, gen: GenParams | None = None) -> AsyncIterator[Delta]:
-    """Stream deltas; must run on the client loop (see `run_on_client_loop`)."""
+async def astream(name: str, messages: Messages | str, gen: GenParams | None = None) -> AsyncIterator[Delta]:
+    """Stream deltas; must run on the client loop (see `run_on_client_loop`) or a replica's.
+
+    `messages` is a conversation, or a str: a raw prompt to continue.
+    """
     handle = _handle(name)
     try:
         async for delta in handle.options(stream=True).chat.remote(messages, gen or GenParams()):
@@ -101,7 +109,7 @@ async def astream(name: str, messages: Messages, gen: GenParams | None = None) -
         raise _unwrap(name, exc) from None
 
 
-async def acomplete(name: str, messages: Messages, gen: GenParams | None = None) -> list[Delta]:
+async def acomplete(name: str, messages: Messages | str, gen: GenParams | None = None) -> list[Delta]:
     """The whole answer as deltas, in one round trip; must run on the client loop."""
     try:
         return await _handle(name).complete.remote(messages, gen or GenParams())

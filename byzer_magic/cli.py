@@ -20,6 +20,7 @@ COMMANDS = {
     "stat": "show one deployment: byzer-magic stat NAME",
     "scale": "change the number of workers: byzer-magic scale NAME N",
     "chat": "ask a deployment: byzer-magic chat NAME PROMPT...",
+    "serve": "one OpenAI-compatible endpoint for every deployment (see `byzer-magic serve --help`)",
 }
 
 
@@ -29,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, text in COMMANDS.items():
         cmd = sub.add_parser(name, help=text, description=text)
-        if name == "deploy":
+        if name in ("deploy", "serve"):
             continue
         cmd.add_argument("--ray_address", help="Ray cluster address (default: RAY_ADDRESS or the running one)")
         if name != "list":
@@ -53,8 +54,8 @@ def _deploy_help() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["deploy"]:
-        args = argparse.Namespace(command="deploy", flags=argv[1:])
+    if argv[:1] in (["deploy"], ["serve"]):
+        args = argparse.Namespace(command=argv[0], flags=argv[1:])
     else:
         args = _parser().parse_args(argv)
     try:
@@ -86,6 +87,8 @@ def _run(args: argparse.Namespace) -> int:
         deploy_api.deploy(spec, on_progress=lambda s: print(s.line(), flush=True))
         print(f"{spec.name} ready in {time.monotonic() - started:.1f} s")
         return 0
+    if args.command == "serve":
+        return _serve(args.flags)
     connect(args.ray_address, embedded_ok=False)
     if args.command == "list":
         print(deploy_api.list_deployments())
@@ -103,6 +106,25 @@ def _run(args: argparse.Namespace) -> int:
             sys.stdout.write(delta.text)
             sys.stdout.flush()
         print()
+    return 0
+
+
+def _serve(argv: list[str]) -> int:
+    import os
+
+    from . import gateway
+    from .cluster import connect
+    from .flags import build_serve_parser, read_serve_flags
+
+    if argv[:1] in (["-h"], ["--help"]):
+        print(build_serve_parser("byzer-magic serve").format_help())
+        return 0
+    args = read_serve_flags(argv, os.environ, "byzer-magic serve")
+    connect(args.ray_address, embedded_ok=False)
+    if args.stop:
+        print(gateway.stop())
+    else:
+        print(gateway.start(args.host, args.port, args.api_key))
     return 0
 
 

@@ -93,7 +93,7 @@ def connect(address: str | None = None, *, embedded_ok: bool = True) -> str:
 
     global _serve_started, _embedded
     with _lock:
-        if ray.is_initialized() and _serve_started:
+        if ray.is_initialized() and (_serve_started or _in_replica()):
             return ray.get_runtime_context().gcs_address
         if not ray.is_initialized():
             target = address or os.environ.get("RAY_ADDRESS") or running_cluster_address()
@@ -122,6 +122,13 @@ def connect(address: str | None = None, *, embedded_ok: bool = True) -> str:
 
 
 _embedded = False
+
+
+def _in_replica() -> bool:
+    """Inside a Serve replica (the OpenAI endpoint) Ray and Serve are already there."""
+    from ray.serve.context import _get_internal_replica_context
+
+    return _get_internal_replica_context() is not None
 
 
 def _start_reaper() -> None:

@@ -60,7 +60,7 @@ def _check_resources(workers: int, cpus: float, gpus: float) -> None:
             )
 
 
-def _serve_details() -> dict[str, Any]:
+def serve_details() -> dict[str, Any]:
     from ray.serve.context import _get_global_client
 
     return _get_global_client().get_serve_details()
@@ -90,14 +90,14 @@ def _to_status(name: str, app: dict[str, Any] | None) -> DeploymentStatus:
         state = "ready"
     else:
         state = "degraded"
-    message = _reason(dep.get("message") or app.get("message") or "")
+    message = reason_in(dep.get("message") or app.get("message") or "")
     return DeploymentStatus(name, state, ready, wanted, message, dict(config.get("user_config") or {}))
 
 
 _ERROR_LINE = re.compile(r"(?:byzer_magic\.errors\.)?(?:BackendError|DeployError|ByzerError): (.+)")
 
 
-def _reason(message: str) -> str:
+def reason_in(message: str) -> str:
     """The readable cause inside a Serve status message (which holds a traceback)."""
     found = _ERROR_LINE.findall(message)
     if found:
@@ -109,13 +109,18 @@ def _reason(message: str) -> str:
 def status(name: str, *, ray_address: str | None = None) -> DeploymentStatus:
     """The state of one deployment, read from the cluster."""
     connect(ray_address, embedded_ok=False)
-    return _to_status(name, _serve_details().get("applications", {}).get(name))
+    return _to_status(name, serve_details().get("applications", {}).get(name))
 
 
 def list_deployments(*, ray_address: str | None = None) -> StatusTable:
     """Every byzer_magic deployment on the cluster, whoever deployed it."""
     connect(ray_address, embedded_ok=False)
-    apps = _serve_details().get("applications", {})
+    return table_of(serve_details())
+
+
+def table_of(details: dict[str, Any]) -> StatusTable:
+    """Our deployments among the applications of Serve's details."""
+    apps = details.get("applications", {})
     return StatusTable(tuple(_to_status(n, a) for n, a in sorted(apps.items()) if _ours(a)))
 
 
@@ -159,7 +164,7 @@ def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> Deployme
             "num_gpus": spec.gpus_per_worker,
             "runtime_env": worker_runtime_env(),
         },
-        user_config=spec.describe(),
+        user_config={**spec.describe(), "deployed_at": int(time.time())},
         max_constructor_retry_count=1,
         graceful_shutdown_timeout_s=30,
         graceful_shutdown_wait_loop_s=0.2,

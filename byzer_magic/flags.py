@@ -184,3 +184,42 @@ def _expand(value: str, env: Mapping[str, str], where: str) -> str:
         return env[name]
 
     return _ENV_VAR.sub(lookup, value)
+
+
+SERVE_HELP: dict[str, str] = {
+    "host": "address to listen on, default 127.0.0.1 (this machine only); 0.0.0.0 opens it to the network",
+    "port": "TCP port, default 8000",
+    "api_key": "require `Authorization: Bearer KEY` on every route but /health; ${VAR} reads it from the environment",
+    "stop": "stop the endpoint (the deployments keep running)",
+    "ray_address": "Ray cluster to use; default RAY_ADDRESS, else the running one",
+}
+
+
+def build_serve_parser(prog: str) -> argparse.ArgumentParser:
+    """The one parser for `%byzer_serve` and `byzer-magic serve`."""
+    parser = _Parser(prog=prog, allow_abbrev=False, add_help=False, description="one OpenAI-compatible endpoint for every deployment")
+    parser.add_argument("--host", default="127.0.0.1", help=SERVE_HELP["host"])
+    parser.add_argument("--port", type=int, default=8000, help=SERVE_HELP["port"])
+    parser.add_argument("--api_key", help=SERVE_HELP["api_key"])
+    parser.add_argument("--stop", action="store_true", help=SERVE_HELP["stop"])
+    parser.add_argument("--ray_address", help=SERVE_HELP["ray_address"])
+    return parser
+
+
+def read_serve_flags(argv: list[str], env: Mapping[str, str], prog: str = "%byzer_serve") -> argparse.Namespace:
+    """Serve flags with ${VAR} expanded in the key; bad ones refused naming the valid ones."""
+    parser = build_serve_parser(prog)
+    known, extra = parser.parse_known_args(argv)
+    if extra:
+        valid = ", ".join(f"--{name}" for name in SERVE_HELP)
+        flag = extra[0].split("=", 1)[0]
+        close = difflib.get_close_matches(flag.lstrip("-").replace("-", "_"), list(SERVE_HELP), n=1)
+        hint = f" Did you mean --{close[0]}?" if close else ""
+        raise SpecError(f"{prog}: unknown argument {flag}.{hint} Valid flags: {valid}.")
+    if not 0 < known.port < 65536:
+        raise SpecError(f"{prog} --port {known.port}: use a TCP port from 1 to 65535")
+    if known.api_key is not None:
+        known.api_key = _expand(known.api_key, env, "--api_key")
+        if not known.api_key.strip():
+            raise SpecError(f"{prog} --api_key: the key is empty")
+    return known

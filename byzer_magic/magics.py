@@ -6,6 +6,7 @@ UsageError, which IPython prints as one paragraph without a traceback.
 from __future__ import annotations
 
 import functools
+import os
 import re
 import shlex
 import sys
@@ -22,10 +23,11 @@ from traitlets.config import Configurable
 
 from . import chat as chat_api
 from . import deploy as deploy_api
+from . import gateway
 from .backends.base import GenParams
 from .cluster import connect
 from .errors import ByzerError
-from .flags import FLAG_HELP
+from .flags import FLAG_HELP, SERVE_HELP, read_serve_flags
 from .spec import parse_spec, settings_help
 from .status import DeploymentStatus
 from .widgets import StatusCard
@@ -214,6 +216,33 @@ class ByzerMagics(Magics, Configurable):
         deploy_api.undeploy(name, ray_address=self.ray_address)
         chat_api.forget(name)
         print(f"{name} undeployed")
+
+
+    @line_magic
+    @_friendly
+    def byzer_serve(self, line: str = "") -> gateway.Endpoint:
+        args = read_serve_flags(shlex.split(line), os.environ)
+        ray_address = args.ray_address or self.ray_address
+        if args.stop:
+            return gateway.stop(ray_address=ray_address)
+        return gateway.start(args.host, args.port, args.api_key, ray_address=ray_address)
+
+    byzer_serve.__doc__ = """Serve every deployment at one OpenAI-compatible URL, from the cluster.
+
+Examples::
+
+    %byzer_serve                                  # http://127.0.0.1:8000/v1
+    %byzer_serve --port 8001 --api_key ${GATEWAY_KEY}
+    %byzer_serve --stop
+
+Any OpenAI client then works: `OpenAI(base_url="http://127.0.0.1:8000/v1",
+api_key=...)`, with `model` set to a deployment's name. Routes: /v1/models,
+/v1/chat/completions, /v1/completions, /v1/embeddings, /health, /metrics.
+The endpoint runs on the cluster, so it outlives this kernel, and it sees
+deployments added or removed later at once.
+
+Flags:
+""" + "\n".join(f"  --{name}: {text}" for name, text in SERVE_HELP.items())
 
 
 _CHAT_LINE = re.compile(r"^(\s*)%byzer_chat\s+(\S+\s+\S.*?)\s*$")

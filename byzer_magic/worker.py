@@ -36,17 +36,23 @@ class Worker:
         self._in_flight = 0
         self._peak = 0
 
-    async def chat(self, messages: Messages, gen: GenParams) -> AsyncIterator[Delta]:
+    async def chat(self, messages: Messages | str, gen: GenParams) -> AsyncIterator[Delta]:
         """Stream an answer; Serve calls this with stream=True.
 
-        Text goes out as it comes; the text-less tail (finish reason, usage)
-        is folded into one last message, since each message costs a hop.
+        A list is a conversation; a str is a raw prompt to continue (OpenAI's
+        /v1/completions). Text goes out as it comes; the text-less tail
+        (finish reason, usage) is folded into one last message, since each
+        message costs a hop.
         """
         self._in_flight += 1
         self._peak = max(self._peak, self._in_flight)
         tail: Delta | None = None
         try:
-            async for delta in self._backend.chat(messages, gen):
+            if isinstance(messages, str):
+                answer = self._backend.generate(messages, gen)
+            else:
+                answer = self._backend.chat(messages, gen)
+            async for delta in answer:
                 if delta.text:
                     if tail is not None:
                         yield tail
@@ -59,7 +65,7 @@ class Worker:
         finally:
             self._in_flight -= 1
 
-    async def complete(self, messages: Messages, gen: GenParams) -> list[Delta]:
+    async def complete(self, messages: Messages | str, gen: GenParams) -> list[Delta]:
         """The whole answer in one reply, for callers that do not stream."""
         return [delta async for delta in self.chat(messages, gen)]
 

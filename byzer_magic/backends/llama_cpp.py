@@ -65,9 +65,9 @@ class Backend:
         except (ValueError, RuntimeError, OSError) as exc:
             raise BackendError("llama_cpp", None, f"cannot load {self._model_path}: {exc}") from None
 
-    async def chat(self, messages: Messages, gen: GenParams) -> AsyncIterator[Delta]:
+    def _request(self, gen: GenParams) -> dict[str, Any]:
         s = self._settings
-        kwargs: dict[str, Any] = {"messages": messages, "stream": True}
+        kwargs: dict[str, Any] = {"stream": True}
         temperature = gen.temperature if gen.temperature is not None else s.temperature
         max_tokens = gen.max_tokens if gen.max_tokens is not None else s.max_tokens
         if temperature is not None:
@@ -82,15 +82,23 @@ class Backend:
             kwargs["seed"] = gen.seed
         if gen.stop:
             kwargs["stop"] = list(gen.stop)
+        return kwargs
+
+    def chat(self, messages: Messages, gen: GenParams) -> AsyncIterator[Delta]:
+        return self._relay("create_chat_completion", {**self._request(gen), "messages": messages})
+
+    def generate(self, prompt: str, gen: GenParams) -> AsyncIterator[Delta]:
+        """A raw prompt, continued as it is (no chat template)."""
+        return self._relay("create_completion", {**self._request(gen), "prompt": prompt})
+
+    async def _relay(self, method: str, kwargs: dict[str, Any]) -> AsyncIterator[Delta]:
         async with self._turn:
             try:
-                chunks: Iterator[dict] = await asyncio.to_thread(
-                    self._llama.create_chat_completion, **kwargs
-                )
+                chunks: Iterator[dict] = await asyncio.to_thread(getattr(self._llama, method), **kwargs)
                 count = 0
                 while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
                     choice = chunk["choices"][0]
-                    text = choice["delta"].get("content") or ""
+                    text = (choice["delta"].get("content") if "delta" in choice else choice.get("text")) or ""
                     count += bool(text)
                     if text or choice.get("finish_reason"):
                         yield Delta(text, choice.get("finish_reason"))

@@ -63,14 +63,10 @@ class Backend:
         except self._openai.OpenAIError as exc:
             raise self._readable(exc) from None
 
-    async def chat(self, messages: Messages, gen: GenParams) -> AsyncIterator[Delta]:
+    def _request(self, gen: GenParams) -> dict[str, Any]:
+        """The call's settings: per-chat values first, then the deployment's defaults."""
         s = self._settings
-        kwargs: dict[str, Any] = {
-            "model": s.model,
-            "messages": messages,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
+        kwargs: dict[str, Any] = {"model": s.model, "stream": True, "stream_options": {"include_usage": True}}
         for name, default in (("temperature", s.temperature), ("top_p", s.top_p), ("max_tokens", s.max_tokens)):
             value = getattr(gen, name)
             if value is None:
@@ -81,13 +77,24 @@ class Backend:
             kwargs["seed"] = gen.seed
         if gen.stop:
             kwargs["stop"] = list(gen.stop)
+        return kwargs
+
+    def chat(self, messages: Messages, gen: GenParams) -> AsyncIterator[Delta]:
+        return self._relay(self._client.chat.completions.create, {**self._request(gen), "messages": messages})
+
+    def generate(self, prompt: str, gen: GenParams) -> AsyncIterator[Delta]:
+        """A raw prompt, through the provider's /completions (not every provider has it)."""
+        return self._relay(self._client.completions.create, {**self._request(gen), "prompt": prompt})
+
+    async def _relay(self, create: Any, kwargs: dict[str, Any]) -> AsyncIterator[Delta]:
         finished = False
         try:
-            stream = await self._client.chat.completions.create(**kwargs)
+            stream = await create(**kwargs)
             async with stream:
                 async for chunk in stream:
                     for choice in chunk.choices:
-                        text = choice.delta.content or ""
+                        delta = getattr(choice, "delta", None)
+                        text = (delta.content if delta is not None else choice.text) or ""
                         finished = finished or bool(choice.finish_reason)
                         if text or choice.finish_reason:
                             yield Delta(text, choice.finish_reason)

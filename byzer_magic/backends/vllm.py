@@ -57,11 +57,14 @@ class Backend:
         except (ValueError, RuntimeError, OSError) as exc:
             raise BackendError("vllm", None, f"cannot start the engine on {self._model_path}: {exc}") from None
 
-    async def chat(self, messages: Messages, gen: GenParams) -> AsyncIterator[Delta]:
+    def chat(self, messages: Messages, gen: GenParams) -> AsyncIterator[Delta]:
+        prompt = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.generate(prompt, gen)
+
+    async def generate(self, prompt: str, gen: GenParams) -> AsyncIterator[Delta]:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        prompt = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         params = SamplingParams(
             temperature=1.0 if gen.temperature is None else gen.temperature,
             top_p=1.0 if gen.top_p is None else gen.top_p,

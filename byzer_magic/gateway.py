@@ -1,0 +1,199 @@
+"""One OpenAI-compatible HTTP endpoint for every deployment, as a Serve app on the cluster.
+
+The endpoint is a one-replica Serve application whose replica runs uvicorn
+with `openai_api`'s app on the host and port asked for, and reaches the
+workers through Serve handles. Serve's own HTTP proxy is not used: its
+address is fixed when Serve starts, so a user who deployed first could not
+pick a port later without stopping every deployment. As a Serve app the
+endpoint outlives the kernel that started it, is health-checked and
+restarted by Serve, and sees deployments come and go without a restart.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Iterator
+
+from .backends.base import Delta, GenParams, Messages
+from .cluster import connect, worker_runtime_env
+from .errors import DeployError, NotDeployedError
+from .openai_api import build_app, key_digest
+
+GATEWAY_APP = "byzer_openai"
+GATEWAY_NAME = "ByzerGateway"
+
+
+class _ServeDeployments:
+    """The API's view of the cluster: Serve's details for listing, handles for answers."""
+
+    async def models(self) -> list[dict[str, Any]]:
+        from ray.serve.context import _get_global_client
+
+        from .deploy import table_of
+
+        details = await _get_global_client()._controller.get_serve_instance_details.remote()
+        return [{**row.details, "name": row.name} for row in table_of(details).rows]
+
+    def stream(self, name: str, request: Messages | str, gen: GenParams) -> AsyncIterator[Delta]:
+        from .chat import astream
+
+        return astream(name, request, gen)
+
+    async def complete(self, name: str, request: Messages | str, gen: GenParams) -> list[Delta]:
+        from .chat import acomplete
+
+        return await acomplete(name, request, gen)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise DeployError(f"cannot listen on {host}:{port} ({reason}); pick another --port or --host") from None
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+class Gateway:
+    """The Serve replica that hosts the HTTP server."""
+
+    async def __init__(self, host: str, port: int, digest: str | None):
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self) -> Iterator[None]:
+                """Ray owns this process's signals; uvicorn must not take them."""
+                yield
+
+        sock = _listen(host, port)
+        config = uvicorn.Config(
+            build_app(_ServeDeployments(), key_digest=digest),
+            log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2,
+        )
+        self._server = Server(config)
+        self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]))
+        while not self._server.started:
+            if self._task.done():
+                raise DeployError(f"the HTTP server on {host}:{port} stopped while starting")
+            await asyncio.sleep(0.01)
+
+    async def check_health(self) -> None:
+        if self._task.done():
+            raise DeployError("the HTTP server has stopped")
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """user_config holds where the endpoint listens, for `endpoint()` to report."""
+
+    async def __del__(self) -> None:
+        server = getattr(self, "_server", None)
+        if server is not None:
+            server.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._task, 5)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the endpoint listens and whether it is up; prints as a line a user can act on."""
+
+    host: str
+    port: int
+    auth: bool
+    state: str
+    message: str = ""
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/v1"
+
+    def __repr__(self) -> str:
+        key = "API key required" if self.auth else "no API key"
+        text = f"OpenAI-compatible endpoint {self.state} at {self.url} ({key}); stop it with %byzer_serve --stop"
+        return f"{text}: {self.message}" if self.message else text
+
+    __str__ = __repr__
+
+
+def endpoint(*, ray_address: str | None = None) -> Endpoint | None:
+    """The running endpoint, read from the cluster, or None."""
+    from .deploy import reason_in, serve_details
+
+    connect(ray_address, embedded_ok=False)
+    app = serve_details().get("applications", {}).get(GATEWAY_APP)
+    dep = (app or {}).get("deployments", {}).get(GATEWAY_NAME)
+    if not dep or app.get("status") == "DELETING":
+        return None
+    where = dep.get("deployment_config", {}).get("user_config") or {}
+    state = {"RUNNING": "running", "DEPLOY_FAILED": "failed"}.get(app.get("status", ""), "starting")
+    message = reason_in(dep.get("message") or app.get("message") or "") if state != "running" else ""
+    return Endpoint(str(where.get("host")), int(where.get("port") or 0), bool(where.get("auth")), state, message)
+
+
+def start(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    *,
+    ray_address: str | None = None,
+    timeout: float = 60.0,
+) -> Endpoint:
+    """Start the endpoint, replacing one that listens elsewhere or with another key.
+
+    The replica is pinned to this machine's Ray node, so 127.0.0.1 means the
+    machine the notebook runs on.
+    """
+    import ray
+    from ray import serve
+    from ray.serve.api import _run
+
+    connect(ray_address)
+    current = endpoint()
+    if current and current.state == "running" and (current.host, current.port) == (host, port) and not (api_key or current.auth):
+        return current
+    if current:
+        serve.delete(GATEWAY_APP)
+    node = f"node:{ray.util.get_node_ip_address()}"
+    app = serve.deployment(Gateway, name=GATEWAY_NAME).options(
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0, "resources": {node: 0.001}, "runtime_env": worker_runtime_env()},
+        user_config={"host": host, "port": port, "auth": bool(api_key)},
+        max_constructor_retry_count=1,
+        health_check_period_s=2,
+        graceful_shutdown_timeout_s=5,
+    ).bind(host, port, key_digest(api_key))
+    deadline = time.monotonic() + timeout
+    try:
+        _run(app, _blocking=False, name=GATEWAY_APP, route_prefix=None)
+        while True:
+            found = endpoint()
+            if found and found.state == "running":
+                return found
+            if found and found.state == "failed":
+                raise DeployError(f"the OpenAI endpoint did not start: {found.message}")
+            if time.monotonic() > deadline:
+                raise DeployError(f"the OpenAI endpoint was not up within {timeout:g} s")
+            time.sleep(0.05)
+    except BaseException:
+        serve.delete(GATEWAY_APP)
+        raise
+
+
+def stop(*, ray_address: str | None = None) -> Endpoint:
+    """Stop the endpoint; the deployments behind it keep running."""
+    from ray import serve
+
+    current = endpoint(ray_address=ray_address)
+    if current is None:
+        raise NotDeployedError("no OpenAI endpoint is running on this cluster (start one with %byzer_serve)")
+    serve.delete(GATEWAY_APP)
+    return Endpoint(current.host, current.port, current.auth, "stopped")

@@ -1,0 +1,393 @@
+"""The OpenAI HTTP API over every deployment: request models, routes, auth, errors, metrics.
+
+Requests are read into small pydantic models of the fields a chat uses;
+unknown fields are ignored, as vLLM's and llama.cpp's servers do, so clients
+that send more (LangChain, IDE plugins) still work. Answers are the openai
+package's own response types, so what goes out is what its client parses.
+Deployments are reached only through `Deployments`, so no Ray code lives here.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator, Callable, Literal, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from openai.types import Completion, CompletionChoice, CompletionUsage, Model
+from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
+from openai.types.chat.chat_completion import Choice
+from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
+from openai.types.chat.chat_completion_chunk import ChoiceDelta
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from .backends.base import Delta, GenParams, Messages
+from .errors import BackendError, ByzerError, NotDeployedError
+
+
+class Deployments(Protocol):
+    """What the API needs from the cluster; the gateway implements it with Serve handles."""
+
+    async def models(self) -> list[dict[str, Any]]:
+        """One dict per deployment: name, backend, model, deployed_at."""
+        ...
+
+    def stream(self, name: str, request: Messages | str, gen: GenParams) -> AsyncIterator[Delta]: ...
+
+    async def complete(self, name: str, request: Messages | str, gen: GenParams) -> list[Delta]: ...
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Lenient):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Lenient):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        text = self.content if not isinstance(self.content, list) else "".join(p.text for p in self.content)
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": text or ""}
+        if self.name:
+            out["name"] = self.name
+        return out
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class _Generation(_Lenient):
+    model: str = Field(min_length=1, description="a deployment's name, as %byzer_list shows it")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(default=1, ge=1, le=1, description="only one choice per request")
+
+    def gen(self) -> GenParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return GenParams(self.temperature, self._max_tokens(), self.top_p, self.seed, tuple(stop))
+
+    def _max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def wants_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatRequest(_Generation):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    def _max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[str] = Field(description="one prompt; a list must hold exactly one")
+
+
+class EmbeddingRequest(_Lenient):
+    model: str = Field(min_length=1)
+    input: str | list[str]
+
+
+class ApiError(Exception):
+    """An answer in OpenAI's error format: {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, kind: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def _api_error(exc: BaseException) -> ApiError:
+    """The HTTP status a client can act on: 404 names what exists, 429/503 say retry later."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, NotDeployedError):
+        return ApiError(404, str(exc), "invalid_request_error", "model", "model_not_found")
+    if isinstance(exc, BackendError):
+        if exc.status_code == 429:
+            return ApiError(429, str(exc), "rate_limit_error", code="rate_limit_exceeded")
+        if exc.status_code == 503:
+            return ApiError(503, str(exc), "overloaded_error", code="overloaded")
+        return ApiError(502, str(exc), "api_error", code="backend_error")
+    if isinstance(exc, ByzerError):
+        return ApiError(400, str(exc), "invalid_request_error")
+    return ApiError(500, f"internal error ({type(exc).__name__}); the gateway's log has the details", "api_error")
+
+
+_CHAT_FINISH = {"stop", "length", "tool_calls", "content_filter", "function_call"}
+_TEXT_FINISH = {"stop", "length", "content_filter"}
+
+
+def _usage(deltas: list[Delta]) -> CompletionUsage | None:
+    merged: dict[str, int] = {}
+    for delta in deltas:
+        merged.update(delta.usage or {})
+    if "prompt_tokens" not in merged or "completion_tokens" not in merged:
+        return None
+    total = merged.get("total_tokens", merged["prompt_tokens"] + merged["completion_tokens"])
+    return CompletionUsage(prompt_tokens=merged["prompt_tokens"], completion_tokens=merged["completion_tokens"], total_tokens=total)
+
+
+def _finish(deltas: list[Delta], allowed: set[str]) -> str:
+    reason = next((d.finish_reason for d in reversed(deltas) if d.finish_reason), None) or "stop"
+    return reason if reason in allowed else "stop"
+
+
+def _dump(model: BaseModel) -> str:
+    """Fields set explicitly, nulls included: a streamed choice's finish_reason is null until the end."""
+    return model.model_dump_json(exclude_unset=True, warnings=False)
+
+
+def _json(model: BaseModel) -> Response:
+    return Response(_dump(model), media_type="application/json")
+
+
+def _event(payload: BaseModel | dict[str, Any] | str) -> bytes:
+    if isinstance(payload, BaseModel):
+        data = _dump(payload)
+    elif isinstance(payload, dict):
+        data = json.dumps(payload)
+    else:
+        data = payload
+    return f"data: {data}\n\n".encode()
+
+
+class _Metrics:
+    """Prometheus series per deployment, in a registry of the gateway's own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("byzer_requests", "requests answered", ["model", "route", "status"], registry=self.registry)
+        self.errors = Counter("byzer_request_errors", "requests that failed", ["model", "route", "type"], registry=self.registry)
+        self.latency = Histogram(
+            "byzer_request_seconds", "time to the last byte of the answer", ["model", "route"], registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.tokens = Counter("byzer_tokens", "tokens, as the backend counted them", ["model", "kind"], registry=self.registry)
+
+    def observe(self, model: str, route: str, status: int, started: float, deltas: list[Delta], error: ApiError | None) -> None:
+        label = model if status not in (400, 401, 404) else "-"
+        self.requests.labels(label, route, str(status)).inc()
+        if error is not None:
+            self.errors.labels(label, route, error.kind).inc()
+        self.latency.labels(label, route).observe(time.perf_counter() - started)
+        usage = _usage(deltas)
+        if usage is not None:
+            self.tokens.labels(label, "prompt").inc(usage.prompt_tokens)
+            self.tokens.labels(label, "completion").inc(usage.completion_tokens)
+
+
+class BearerAuth:
+    """Every route but /health needs `Authorization: Bearer KEY`.
+
+    Only the key's SHA-256 is held, and presented keys are compared by digest
+    in constant time, so the key itself never reaches the cluster or its logs.
+    """
+
+    def __init__(self, app: Any, key_digest: str | None):
+        self.app = app
+        self.digest = bytes.fromhex(key_digest) if key_digest else None
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if self.digest is not None and scope["type"] == "http" and scope["path"] != "/health":
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = header.partition(b" ")
+            given = hashlib.sha256(token.strip()).digest()
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given, self.digest):
+                error = ApiError(401, "missing or wrong API key: send the header Authorization: Bearer <key>",
+                                 "authentication_error", code="invalid_api_key")
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def key_digest(api_key: str | None) -> str | None:
+    """What the gateway keeps of the key (see BearerAuth)."""
+    return hashlib.sha256(api_key.encode()).hexdigest() if api_key else None
+
+
+def build_app(deployments: Deployments, *, key_digest: str | None = None) -> Any:
+    """The ASGI app: FastAPI routes wrapped in the bearer check."""
+    app = FastAPI(title="byzer_magic OpenAI-compatible API", version="1", docs_url=None, redoc_url=None)
+    metrics = _Metrics()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":
+            return ApiError(400, "the body is not valid JSON", "invalid_request_error").response()
+        param = ".".join(loc) or None
+        where = f"{param}: " if param else "the body: "
+        return ApiError(400, f"{where}{first.get('msg', 'invalid request')}", "invalid_request_error", param).response()
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return ApiError(exc.status_code, message, kind).response()
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        return _api_error(exc).response()
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def card(info: dict[str, Any]) -> Model:
+        return Model(
+            id=info["name"], object="model", created=int(info.get("deployed_at") or 0), owned_by="byzer_magic",
+            backend=info.get("backend"), served_model=info.get("model"),
+        )
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        cards = [card(info).model_dump(exclude_none=True) for info in await deployments.models()]
+        return {"object": "list", "data": cards}
+
+    @app.get("/v1/models/{model}")
+    async def get_model(model: str) -> Response:
+        found = [info for info in await deployments.models() if info["name"] == model]
+        if not found:
+            return (await _unknown(model)).response()
+        return _json(card(found[0]))
+
+    async def _unknown(model: str) -> ApiError:
+        names = [info["name"] for info in await deployments.models()]
+        known = f"deployed now: {', '.join(names)}" if names else "nothing is deployed"
+        return ApiError(404, f"no deployment named {model!r} ({known})", "invalid_request_error", "model", "model_not_found")
+
+    async def answer(route: str, body: _Generation, request: Messages | str, make: Callable, chunk: Callable) -> Response:
+        started = time.perf_counter()
+        gen = body.gen()
+        try:
+            if not body.stream:
+                deltas = await deployments.complete(body.model, request, gen)
+                metrics.observe(body.model, route, 200, started, deltas, None)
+                return _json(make(deltas))
+            stream = deployments.stream(body.model, request, gen)
+            first = await anext(stream, None)
+        except Exception as exc:
+            error = await _unknown(body.model) if isinstance(exc, NotDeployedError) else _api_error(exc)
+            metrics.observe(body.model, route, error.status, started, [], error)
+            return error.response()
+        return StreamingResponse(
+            _events(route, body, stream, first, chunk, started), media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def _events(route: str, body: _Generation, stream: AsyncIterator[Delta], first: Delta | None,
+                          chunk: Callable, started: float) -> AsyncIterator[bytes]:
+        seen: list[Delta] = []
+        error: ApiError | None = None
+        try:
+            opening = chunk(None, seen)
+            if opening is not None:
+                yield _event(opening)
+            delta = first
+            while delta is not None:
+                seen.append(delta)
+                if delta.text or delta.finish_reason:
+                    yield _event(chunk(delta, seen))
+                delta = await anext(stream, None)
+            usage = _usage(seen)
+            if body.wants_usage() and usage is not None:
+                yield _event(chunk(None, seen, usage=usage))
+            yield _event("[DONE]")
+        except Exception as exc:
+            error = _api_error(exc)
+            yield _event(error.body())
+        finally:
+            metrics.observe(body.model, route, error.status if error else 200, started, seen, error)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest) -> Response:
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def make(deltas: list[Delta]) -> ChatCompletion:
+            message = ChatCompletionMessage(role="assistant", content="".join(d.text for d in deltas))
+            choice = Choice(index=0, message=message, finish_reason=_finish(deltas, _CHAT_FINISH))
+            return ChatCompletion(id=ident, object="chat.completion", created=created, model=body.model,
+                                  choices=[choice], usage=_usage(deltas))
+
+        def chunk(delta: Delta | None, seen: list[Delta], usage: CompletionUsage | None = None) -> ChatCompletionChunk:
+            if usage is not None:
+                choices = []
+            elif delta is None:
+                choices = [ChunkChoice(index=0, delta=ChoiceDelta(role="assistant", content=""))]
+            else:
+                finish = _finish([delta], _CHAT_FINISH) if delta.finish_reason else None
+                choices = [ChunkChoice(index=0, delta=ChoiceDelta(content=delta.text), finish_reason=finish)]
+            return ChatCompletionChunk(id=ident, object="chat.completion.chunk", created=created, model=body.model,
+                                       choices=choices, usage=usage)
+
+        return await answer("chat", body, [m.as_dict() for m in body.messages], make, chunk)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest) -> Response:
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            return ApiError(400, "prompt: send one prompt per request", "invalid_request_error", "prompt").response()
+        ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def make(deltas: list[Delta]) -> Completion:
+            text = "".join(d.text for d in deltas)
+            choice = CompletionChoice(index=0, text=text, finish_reason=_finish(deltas, _TEXT_FINISH))
+            return Completion(id=ident, object="text_completion", created=created, model=body.model,
+                              choices=[choice], usage=_usage(deltas))
+
+        def chunk(delta: Delta | None, seen: list[Delta], usage: CompletionUsage | None = None) -> Completion | None:
+            if usage is not None:
+                return Completion(id=ident, object="text_completion", created=created, model=body.model,
+                                  choices=[], usage=usage)
+            if delta is None:
+                return None
+            finish = _finish([delta], _TEXT_FINISH) if delta.finish_reason else None
+            choice = CompletionChoice.model_construct(index=0, text=delta.text, finish_reason=finish, logprobs=None)
+            return Completion.model_construct(id=ident, object="text_completion", created=created,
+                                              model=body.model, choices=[choice])
+
+        return await answer("completions", body, prompts[0], make, chunk)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest) -> Response:
+        found = [info for info in await deployments.models() if info["name"] == body.model]
+        if not found:
+            return (await _unknown(body.model)).response()
+        backend = found[0].get("backend")
+        return ApiError(
+            400, f"{body.model!r} does not embed: its backend ({backend}) generates text; "
+            "deploy an embedding model to use /v1/embeddings", "invalid_request_error", "model", "model_not_embedding",
+        ).response()
+
+    return BearerAuth(app, key_digest)

@@ -1,0 +1,229 @@
+"""The OpenAI-compatible endpoint, driven by the official openai client over real HTTP.
+
+Behind it: a SaaS deployment (llama.cpp's server as the provider) and a
+llama_cpp deployment of the tiny GGUF, on the test session's Ray cluster.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from byzer_magic import chat, deploy, gateway
+from byzer_magic.backends.base import GenParams
+from byzer_magic.errors import DeployError
+
+from .conftest import ROOT, alive_replicas, free_port
+from .test_deploy_saas import saas_spec
+from .test_llama_cpp import llama_spec
+
+KEY = "gw-test-key-0123456789abcdef"
+HELLO = [{"role": "user", "content": "Hello there, what is ray?"}]
+
+
+@pytest.fixture(scope="module")
+def served(ray_head, openai_server, tiny_model):
+    """Two deployments of different backends behind one endpoint with an API key."""
+    deploy.deploy(saas_spec(openai_server, "ep_saas", workers=1))
+    deploy.deploy(llama_spec(tiny_model.gguf, "ep_llama"))
+    port = free_port()
+    up = gateway.start("127.0.0.1", port, KEY)
+    assert up.state == "running" and up.auth and up.url == f"http://127.0.0.1:{port}/v1"
+    yield up
+    gateway.stop()
+    for name in ("ep_saas", "ep_llama"):
+        deploy.undeploy(name)
+    assert alive_replicas(gateway.GATEWAY_APP) == []
+
+
+@pytest.fixture
+def client(served):
+    return openai.OpenAI(base_url=served.url, api_key=KEY, max_retries=0, timeout=60)
+
+
+def http(url: str, body: dict | None = None, key: str | None = None) -> tuple[int, dict | str]:
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data, headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            status, text = response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        status, text = exc.code, exc.read().decode()
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+def test_models_lists_every_deployment_with_its_backend(client):
+    cards = {m.id: m for m in client.models.list()}
+    assert {"ep_saas", "ep_llama"} <= set(cards)
+    assert cards["ep_saas"].backend == "saas" and cards["ep_llama"].backend == "llama_cpp"
+    assert cards["ep_llama"].owned_by == "byzer_magic" and cards["ep_llama"].created > 0
+    assert client.models.retrieve("ep_saas").id == "ep_saas"
+    assert gateway.GATEWAY_APP not in cards
+
+
+@pytest.mark.parametrize("name", ["ep_saas", "ep_llama"])
+def test_chat_whole_and_streamed_match_the_handle(client, name):
+    direct = chat.chat(name, HELLO, GenParams(temperature=0, max_tokens=12))
+    expected = direct.text
+    whole = client.chat.completions.create(model=name, messages=HELLO, temperature=0, max_tokens=12)
+    assert whole.choices[0].message.content == expected and expected
+    assert whole.choices[0].finish_reason == "length" and whole.model == name
+    chunks = list(client.chat.completions.create(model=name, messages=HELLO, temperature=0, max_tokens=12,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected and sum(bool(c.choices and c.choices[0].delta.content) for c in chunks) > 1
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    # Usage is passed on only when the backend counts it; neither llama.cpp's server
+    # (no usage in its streams) nor the llama_cpp backend does, and none is made up.
+    assert direct.usage == {} and whole.usage is None and all(c.usage is None for c in chunks)
+
+
+def test_completions_continue_a_raw_prompt_not_a_chat(client):
+    gen = GenParams(temperature=0, max_tokens=10)
+    for name in ("ep_llama", "ep_saas"):
+        expected = chat.ChatResult.of(chat.run_on_client_loop(chat.acomplete(name, "Ray is", gen))).text
+        as_chat = chat.chat(name, "Ray is", gen).text
+        assert expected and expected != as_chat
+        whole = client.completions.create(model=name, prompt="Ray is", temperature=0, max_tokens=10)
+        assert whole.choices[0].text == expected and whole.object == "text_completion"
+        assert whole.choices[0].finish_reason == "length"
+        streamed = list(client.completions.create(model=name, prompt="Ray is", temperature=0, max_tokens=10, stream=True))
+        assert "".join(c.choices[0].text for c in streamed if c.choices) == expected and len(streamed) > 1
+
+
+def test_every_route_but_health_needs_the_key(served):
+    base = served.url.removesuffix("/v1")
+    assert http(f"{base}/health") == (200, {"status": "ok"})
+    for key in (None, "wrong-key"):
+        for path, body in (("/v1/models", None), ("/metrics", None), ("/openapi.json", None),
+                           ("/v1/chat/completions", {"model": "ep_saas", "messages": HELLO})):
+            status, answer = http(f"{base}{path}", body, key)
+            assert status == 401, (path, key)
+            assert answer["error"]["type"] == "authentication_error" and KEY not in json.dumps(answer)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=served.url, api_key="wrong", max_retries=0).models.list()
+
+
+def test_unknown_model_is_404_naming_what_is_deployed(client):
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="no_such_model", messages=HELLO)
+    message = caught.value.body["message"]
+    assert "no_such_model" in message and "ep_saas" in message and "ep_llama" in message
+    assert caught.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no_such_model", messages=HELLO, stream=True)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": "ep_saas", "messages": HELLO, "temperature": 7}, "temperature"),
+    ({"model": "ep_saas", "messages": []}, "messages"),
+    ({"model": "ep_saas"}, "messages"),
+    ({"model": "ep_saas", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ({"model": "ep_saas", "messages": HELLO, "n": 3}, "n"),
+    ({"messages": HELLO}, "model"),
+])
+def test_bad_requests_are_400_naming_the_field(served, body, param):
+    status, answer = http(f"{served.url}/chat/completions", body, KEY)
+    assert status == 400
+    assert answer["error"]["param"] == param and answer["error"]["message"].startswith(param)
+
+
+def test_not_json_and_unknown_routes_answer_in_the_openai_format(served):
+    request = urllib.request.Request(f"{served.url}/chat/completions", b"{not json",
+                                     {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=10)
+    assert caught.value.code == 400 and "not valid JSON" in json.loads(caught.value.read())["error"]["message"]
+    status, answer = http(f"{served.url}/nothing/here", None, KEY)
+    assert status == 404 and "error" in answer
+
+
+def test_provider_failures_become_502_and_429_with_its_words(client, clean_server):
+    clean_server.control(fail_next=1, fail_status=400)
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(model="ep_saas", messages=HELLO, max_tokens=4)
+    assert caught.value.status_code == 502 and "injected failure 400" in caught.value.message
+    clean_server.control(fail_next=3, fail_status=429)
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(model="ep_saas", messages=HELLO, max_tokens=4)
+    assert "injected failure 429" in caught.value.message
+    clean_server.control(fail_next=0)
+    assert client.chat.completions.create(model="ep_saas", messages=HELLO, max_tokens=4).choices[0].message.content
+
+
+def test_a_deployment_added_later_is_served_and_its_removal_is_seen_at_once(client, clean_server):
+    deploy.deploy(saas_spec(clean_server, "ep_late", workers=1))
+    try:
+        assert "ep_late" in {m.id for m in client.models.list()}
+        answer = client.chat.completions.create(model="ep_late", messages=HELLO, max_tokens=4)
+        assert answer.choices[0].message.content
+    finally:
+        deploy.undeploy("ep_late")
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="ep_late", messages=HELLO, max_tokens=4)
+    assert "ep_late" not in {m.id for m in client.models.list()}
+
+
+def test_embeddings_refuse_a_text_model_plainly(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.embeddings.create(model="ep_llama", input="hello")
+    assert "does not embed" in caught.value.message
+
+
+def test_metrics_count_requests_errors_and_latency_per_deployment(client, served):
+    client.chat.completions.create(model="ep_saas", messages=HELLO, max_tokens=3)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nobody", messages=HELLO)
+    request = urllib.request.Request(served.url.removesuffix("/v1") + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    text = urllib.request.urlopen(request, timeout=10).read().decode()
+    assert 'byzer_requests_total{model="ep_saas",route="chat",status="200"}' in text
+    assert 'byzer_request_errors_total{model="-",route="chat",type="invalid_request_error"}' in text
+    assert 'byzer_request_seconds_bucket{le="0.005",model="ep_saas",route="chat"}' in text
+
+
+def test_a_taken_port_is_a_readable_error_and_leaves_nothing(served):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        try:
+            with pytest.raises(DeployError) as caught:
+                gateway.start("127.0.0.1", port, None)
+            assert f"cannot listen on 127.0.0.1:{port}" in str(caught.value) and "--port" in str(caught.value)
+            assert gateway.endpoint() is None
+            assert alive_replicas(gateway.GATEWAY_APP) == []
+        finally:
+            gateway.start(served.host, served.port, KEY)
+
+
+def test_cli_serve_and_stop(served, ray_head):
+    port = free_port()
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "byzer_magic.cli", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+
+    try:
+        started = cli("serve", "--port", str(port))
+        assert started.returncode == 0 and f"http://127.0.0.1:{port}/v1" in started.stdout
+        assert http(f"http://127.0.0.1:{port}/v1/models")[0] == 200
+        bad = cli("serve", "--prot", "9000")
+        assert bad.returncode == 2 and "Did you mean --port?" in bad.stderr
+        stopped = cli("serve", "--stop")
+        assert stopped.returncode == 0 and "stopped" in stopped.stdout
+        assert gateway.endpoint() is None
+    finally:
+        gateway.start(served.host, served.port, KEY)
