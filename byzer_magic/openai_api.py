@@ -108,6 +108,30 @@ class EmbeddingRequest(_Lenient):
     input: str | list[str]
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error envelope, declared so the published schema lists every status."""
+
+    error: ErrorDetail
+
+
+_AUTH_ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": ErrorBody, "description": "missing or wrong API key"}}
+_MODEL_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_AUTH_ERRORS,
+    400: {"model": ErrorBody, "description": "a field is missing or invalid; param names it"},
+    404: {"model": ErrorBody, "description": "no deployment by that name; the message lists those deployed"},
+    429: {"model": ErrorBody, "description": "the provider is rate limiting"},
+    502: {"model": ErrorBody, "description": "the backend failed; the message is its own"},
+    503: {"model": ErrorBody, "description": "the provider is overloaded"},
+}
+
+
 class ApiError(Exception):
     """An answer in OpenAI's error format: {"error": {message, type, param, code}}."""
 
@@ -260,7 +284,7 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None) -> Any
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses=_AUTH_ERRORS)
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -270,12 +294,12 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None) -> Any
             backend=info.get("backend"), served_model=info.get("model"),
         )
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_AUTH_ERRORS)
     async def list_models() -> dict[str, Any]:
         cards = [card(info).model_dump(exclude_none=True) for info in await deployments.models()]
         return {"object": "list", "data": cards}
 
-    @app.get("/v1/models/{model}")
+    @app.get("/v1/models/{model}", responses=_MODEL_ERRORS)
     async def get_model(model: str) -> Response:
         found = [info for info in await deployments.models() if info["name"] == model]
         if not found:
@@ -330,7 +354,7 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None) -> Any
         finally:
             metrics.observe(body.model, route, error.status if error else 200, started, seen, error)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_MODEL_ERRORS)
     async def chat_completions(body: ChatRequest) -> Response:
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -353,7 +377,7 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None) -> Any
 
         return await answer("chat", body, [m.as_dict() for m in body.messages], make, chunk)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_MODEL_ERRORS)
     async def completions(body: CompletionRequest) -> Response:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
@@ -379,7 +403,7 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None) -> Any
 
         return await answer("completions", body, prompts[0], make, chunk)
 
-    @app.post("/v1/embeddings")
+    @app.post("/v1/embeddings", responses=_MODEL_ERRORS)
     async def embeddings(body: EmbeddingRequest) -> Response:
         found = [info for info in await deployments.models() if info["name"] == body.model]
         if not found:

@@ -227,3 +227,60 @@ def test_cli_serve_and_stop(served, ray_head):
         assert gateway.endpoint() is None
     finally:
         gateway.start(served.host, served.port, KEY)
+
+
+def test_schemathesis_finds_no_request_that_crashes_it(served):
+    """Every operation of the published OpenAPI schema, fuzzed within a bounded budget."""
+    import hypothesis
+    import schemathesis
+    from schemathesis.specs.openapi.checks import status_code_conformance
+
+    auth = {"Authorization": f"Bearer {KEY}"}
+    schema = schemathesis.openapi.from_url(served.url.removesuffix("/v1") + "/openapi.json", headers=auth)
+    seen: dict[int, int] = {}
+    for result in schema.get_all_operations():
+        operation = result.ok()
+
+        @hypothesis.settings(max_examples=25, deadline=None, database=None, derandomize=True,
+                             suppress_health_check=list(hypothesis.HealthCheck))
+        @hypothesis.given(case=operation.as_strategy())
+        def fuzz(case):
+            response = case.call(headers=auth, timeout=60)
+            seen[response.status_code] = seen.get(response.status_code, 0) + 1
+            assert response.status_code < 500 or response.status_code in (502, 503), case.as_curl_command()
+            case.validate_response(response, checks=[status_code_conformance])
+            if response.status_code >= 400:
+                assert set(response.json()) == {"error"}, response.text
+
+        fuzz()
+    assert sum(seen.values()) >= 100 and 400 in seen and 200 in seen
+
+
+def test_the_magic_starts_reports_and_stops_it_without_showing_the_key(served, capfd, monkeypatch):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "byzer_magic")
+    monkeypatch.setenv("GW_MAGIC_KEY", "gw-magic-secret-abcdef0123")
+    port = free_port()
+
+    def run(cell: str) -> str:
+        shell.run_cell(cell)
+        out, err = capfd.readouterr()
+        return out + err
+
+    try:
+        text = run(f"%byzer_serve --port {port} --api_key ${{GW_MAGIC_KEY}}")
+        assert f"running at http://127.0.0.1:{port}/v1 (API key required)" in text
+        assert "gw-magic-secret" not in text
+        assert http(f"http://127.0.0.1:{port}/v1/models", key="gw-magic-secret-abcdef0123")[0] == 200
+        for line, needle in (("%byzer_serve --prot 9", "Did you mean --port?"),
+                             ("%byzer_serve --port 99999", "from 1 to 65535"),
+                             ("%byzer_serve --api_key ${NOT_SET_ANYWHERE}", "NOT_SET_ANYWHERE is not set")):
+            text = run(line)
+            assert needle in text and "Traceback" not in text, line
+        assert "OpenAI-compatible" in run("%byzer_serve?")
+        assert "stopped" in run("%byzer_serve --stop")
+        assert "no OpenAI endpoint is running" in run("%byzer_serve --stop")
+    finally:
+        gateway.start(served.host, served.port, KEY)
