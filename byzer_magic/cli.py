@@ -93,7 +93,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "list":
         print(deploy_api.list_deployments())
     elif args.command == "stat":
-        print(deploy_api.require(args.name))
+        print(repr(deploy_api.require(args.name, with_metrics=True)))
     elif args.command == "scale":
         print(deploy_api.scale(args.name, args.workers))
     elif args.command == "undeploy":

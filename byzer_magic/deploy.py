@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from . import metrics
 from .cluster import connect, worker_runtime_env
 from .errors import DeployError, NotDeployedError, redact
 from .spec import DeploySpec
@@ -91,7 +92,8 @@ def _to_status(name: str, app: dict[str, Any] | None) -> DeploymentStatus:
     else:
         state = "degraded"
     message = reason_in(dep.get("message") or app.get("message") or "")
-    return DeploymentStatus(name, state, ready, wanted, message, dict(config.get("user_config") or {}))
+    workers = tuple(str(r.get("state", "?")).lower() for r in replicas)
+    return DeploymentStatus(name, state, ready, wanted, message, dict(config.get("user_config") or {}), workers)
 
 
 _ERROR_LINE = re.compile(r"(?:byzer_magic\.errors\.)?(?:BackendError|DeployError|ByzerError): (.+)")
@@ -106,10 +108,17 @@ def reason_in(message: str) -> str:
     return lines[-1] if lines else ""
 
 
-def status(name: str, *, ray_address: str | None = None) -> DeploymentStatus:
-    """The state of one deployment, read from the cluster."""
+def status(name: str, *, ray_address: str | None = None, with_metrics: bool = False) -> DeploymentStatus:
+    """The state of one deployment, read from the cluster; with its workers' request figures if asked."""
+    from dataclasses import replace
+
     connect(ray_address, embedded_ok=False)
-    return _to_status(name, serve_details().get("applications", {}).get(name))
+    app = serve_details().get("applications", {}).get(name)
+    found = _to_status(name, app)
+    if not with_metrics or found.state == "stopped":
+        return found
+    replicas = [r.get("replica_id", "") for r in _ours(app).get("replicas", []) if r.get("state") == "RUNNING"]
+    return replace(found, metrics=metrics.combine(metrics.read(name, replicas)))
 
 
 def list_deployments(*, ray_address: str | None = None) -> StatusTable:
@@ -124,9 +133,9 @@ def table_of(details: dict[str, Any]) -> StatusTable:
     return StatusTable(tuple(_to_status(n, a) for n, a in sorted(apps.items()) if _ours(a)))
 
 
-def require(name: str, *, ray_address: str | None = None) -> DeploymentStatus:
+def require(name: str, *, ray_address: str | None = None, with_metrics: bool = False) -> DeploymentStatus:
     """The status of a deployment that must exist; the error lists those that do."""
-    current = status(name, ray_address=ray_address)
+    current = status(name, ray_address=ray_address, with_metrics=with_metrics)
     if current.state == "stopped":
         names = [row.name for row in list_deployments().rows]
         known = f"deployed now: {', '.join(names)}" if names else "nothing is deployed"

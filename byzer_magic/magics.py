@@ -105,7 +105,9 @@ class ByzerMagics(Magics, Configurable):
         card = self._card(DeploymentStatus(spec.name, "deploying", 0, spec.num_workers, "", spec.describe()))
         display(card)
         try:
-            card.refresh(deploy_api.deploy(spec, on_progress=card.refresh))
+            ready = deploy_api.deploy(spec, on_progress=card.refresh)
+            card.address = _ray_address()
+            card.refresh(ready)
         except ByzerError as exc:
             card.refresh(DeploymentStatus(spec.name, "failed", 0, spec.num_workers, str(exc), spec.describe()))
             raise
@@ -187,17 +189,18 @@ class ByzerMagics(Magics, Configurable):
     def _card(self, status: DeploymentStatus) -> StatusCard:
         return StatusCard(
             status,
-            fetch=deploy_api.status,
+            fetch=lambda name: deploy_api.status(name, with_metrics=True),
             scale=lambda name, n: deploy_api.scale(name, n),
             stop=lambda name: (deploy_api.undeploy(name), chat_api.forget(name)),
             interval=self.card_interval,
+            address=_ray_address(),
         )
 
     @line_magic
     @_friendly
     def byzer_status(self, line: str) -> DeploymentStatus:
         """Show one deployment's state: `%byzer_status my_chat`."""
-        return deploy_api.require(_one_name(line, "%byzer_status NAME"), ray_address=self.ray_address)
+        return deploy_api.require(_one_name(line, "%byzer_status NAME"), ray_address=self.ray_address, with_metrics=True)
 
     @line_magic
     @_friendly
@@ -262,6 +265,12 @@ def keep_question_marks(lines: list[str]) -> list[str]:
             line = f"{match.group(1)}get_ipython().run_line_magic('byzer_chat', {match.group(2)!r})\n"
         out.append(line)
     return out
+
+
+def _ray_address() -> str:
+    import ray
+
+    return ray.get_runtime_context().gcs_address if ray.is_initialized() else ""
 
 
 def _one_name(line: str, usage: str) -> str:

@@ -17,6 +17,20 @@ class DeploymentStatus:
     workers_wanted: int = 0
     message: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    workers: tuple[str, ...] = ()
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """Serve's state of each worker, and `metrics.combine` of their request figures."""
+
+    def activity(self) -> str:
+        """Requests at a glance: served, in flight, tokens/s and median latency over the last minute."""
+        m = self.metrics
+        if not m:
+            return "no requests yet"
+        limit = int(self.details.get("worker_concurrency") or 1) * max(self.workers_ready, 1)
+        parts = [f"{m['served']} served", f"{m['in_flight']} in flight (of {limit})", f"{m['errors']} failed"]
+        if m.get("median_latency_s") is not None:
+            parts.append(f"last minute: {m['tokens_per_s']:.1f} tokens/s, median {m['median_latency_s'] * 1e3:.0f} ms")
+        return ", ".join(parts)
 
     @property
     def backend(self) -> str:
@@ -33,7 +47,16 @@ class DeploymentStatus:
         )
         return f"{text} ({self.message})" if self.message and self.state != "ready" else text
 
-    __str__ = __repr__ = line
+    def __repr__(self) -> str:
+        """The line, then the request figures, as a terminal shows one deployment."""
+        text = self.line()
+        if self.state in ("ready", "degraded"):
+            text += f"\n  requests: {self.activity()}"
+            if self.metrics.get("last_error"):
+                text += f"\n  last error: {self.metrics['last_error']}"
+        return text
+
+    __str__ = line
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,10 @@ class StatusCard(widgets.VBox):
         scale: Scale | None = None,
         stop: Stop | None = None,
         interval: float = 2.0,
+        address: str = "",
     ):
         self._name = status.name
+        self.address = address
         self._fetch, self._scale, self._stop_fn = fetch, scale, stop
         self._interval = interval
         self._busy = False
@@ -64,8 +66,11 @@ class StatusCard(widgets.VBox):
             f"<b>{escape(status.name)}</b> &nbsp;<span style='color:{color}'>&#9679; {status.state}</span>"
         )
         details = status.details
+        workers = f"{status.workers_ready} ready / {status.workers_wanted} wanted"
+        if status.workers and any(w != "running" for w in status.workers):
+            workers += " (" + ", ".join(status.workers) + ")"
         rows = [
-            ("workers", f"{status.workers_ready} ready / {status.workers_wanted} wanted"),
+            ("workers", workers),
             ("backend", f"{details.get('backend') or '?'} ({details.get('pretrained_model_type') or '?'})"),
             ("model", details.get("model") or "?"),
             ("per worker", f"{details.get('worker_concurrency', '?')} at once, "
@@ -73,6 +78,12 @@ class StatusCard(widgets.VBox):
         ]
         if details.get("base_url"):
             rows.append(("endpoint", details["base_url"]))
+        if self.address:
+            rows.append(("ray", self.address))
+        if status.state in ("ready", "degraded"):
+            rows.append(("requests", status.activity()))
+        if status.metrics.get("last_error"):
+            rows.append(("last error", status.metrics["last_error"]))
         self.body.value = "<table>" + "".join(
             f"<tr><td style='padding-right:1em;opacity:.7'>{k}</td><td>{escape(str(v))}</td></tr>" for k, v in rows
         ) + "</table>"

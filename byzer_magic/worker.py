@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterator
 
+from . import metrics
 from .backends.base import Delta, GenParams, Messages
+from .metrics import RequestLog
 from .spec import DeploySpec
 
 WORKER_NAME = "ByzerWorker"
@@ -33,8 +35,11 @@ class Worker:
             gpus=int(spec.gpus_per_worker),
         )
         await self._backend.start()
-        self._in_flight = 0
-        self._peak = 0
+        from ray import serve
+
+        self._log = RequestLog()
+        context = serve.get_replica_context()
+        self._where = (context.app_name, context.replica_id.unique_id)
 
     async def chat(self, messages: Messages | str, gen: GenParams) -> AsyncIterator[Delta]:
         """Stream an answer; Serve calls this with stream=True.
@@ -44,9 +49,10 @@ class Worker:
         (finish reason, usage) is folded into one last message, since each
         message costs a hop.
         """
-        self._in_flight += 1
-        self._peak = max(self._peak, self._in_flight)
+        since = self._log.started()
         tail: Delta | None = None
+        tokens = 0
+        failure: BaseException | None = None
         try:
             if isinstance(messages, str):
                 answer = self._backend.generate(messages, gen)
@@ -54,6 +60,7 @@ class Worker:
                 answer = self._backend.chat(messages, gen)
             async for delta in answer:
                 if delta.text:
+                    tokens += 1
                     if tail is not None:
                         yield tail
                         tail = None
@@ -61,24 +68,32 @@ class Worker:
                 else:
                     tail = _merge(tail, delta)
             if tail is not None:
+                tokens = (tail.usage or {}).get("completion_tokens", tokens)
                 yield tail
+        except Exception as exc:
+            failure = exc
+            raise
         finally:
-            self._in_flight -= 1
+            self._log.finished(since, tokens, failure)
 
     async def complete(self, messages: Messages | str, gen: GenParams) -> list[Delta]:
         """The whole answer in one reply, for callers that do not stream."""
         return [delta async for delta in self.chat(messages, gen)]
 
     def stats(self) -> dict[str, Any]:
-        return {"in_flight": self._in_flight, "peak_in_flight": self._peak, **self._backend.stats()}
+        return {**self._backend.stats(), **self._log.summary()}
 
     async def check_health(self) -> None:
+        """Serve calls this every 2 s; it also hands the card this worker's figures."""
         await self._backend.health()
+        metrics.publish(*self._where, self._log.summary())
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """user_config holds the deployment's public description, for listing only."""
 
     async def __del__(self) -> None:
+        if hasattr(self, "_where"):
+            metrics.forget(*self._where)
         backend = getattr(self, "_backend", None)
         if backend is not None:
             await backend.shutdown()

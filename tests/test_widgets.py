@@ -70,3 +70,33 @@ def test_plus_minus_and_stop_drive_a_real_deployment(ray_head, clean_server):
         if deploy.status("carded").state != "stopped":
             deploy.undeploy("carded")
     assert not [t for t in threading.enumerate() if t.name == "byzer-card-carded" and t.is_alive()]
+
+
+def test_the_card_counts_requests_tokens_latency_and_the_last_error(ray_head, clean_server):
+    from byzer_magic import chat
+    from byzer_magic.backends.base import GenParams
+    from byzer_magic.errors import BackendError
+
+    deploy.deploy(saas_spec(clean_server, "metered", 2, "saas.max_retries=0"))
+    card = StatusCard(deploy.status("metered"), fetch=lambda n: deploy.status(n, with_metrics=True), interval=0.2)
+    card.start_updates()
+    try:
+        for i in range(3):
+            chat.chat("metered", f"question {i}", GenParams(temperature=0, max_tokens=5))
+        clean_server.control(fail_next=1, fail_status=500)
+        try:
+            chat.chat("metered", "this one fails", GenParams(max_tokens=5))
+        except BackendError:
+            pass
+        wait_until(lambda: card.status.metrics.get("served") == 3 and card.status.metrics.get("errors") == 1,
+                   30, "the workers' figures on the card")
+        m = card.status.metrics
+        assert m["in_flight"] == 0 and m["tokens_per_s"] == 15 / 60 and 0 < m["median_latency_s"] < 5
+        assert "injected failure 500" in m["last_error"]
+        state = card_state(card)
+        assert "3 served" in state and "1 failed" in state and "0.2 tokens/s" in state
+        assert "injected failure 500" in state
+        assert "3 served" in repr(deploy.status("metered", with_metrics=True))
+    finally:
+        card.close()
+        deploy.undeploy("metered")

@@ -1,0 +1,108 @@
+"""Per-worker request figures, and how they reach a status card.
+
+A worker keeps a `RequestLog` and, on each of Serve's health checks (every
+2 s), writes its summary to Ray's GCS key-value store under its replica id.
+Any process on the cluster reads them back for the replicas that are alive,
+so a card in a new kernel shows what the workers did before it started.
+The queue itself lives in each caller's Serve router, so "queued" is what
+no worker could see; the cards show requests in flight against the limit.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections import deque
+from typing import Any, Iterable
+
+WINDOW_S = 60.0
+_NAMESPACE = "byzer_magic"
+
+
+class RequestLog:
+    """What one worker answered: totals, and the last minute's latency and tokens."""
+
+    def __init__(self) -> None:
+        self.served = 0
+        self.errors = 0
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self.last_error = ""
+        self._recent: deque[tuple[float, float, int]] = deque()
+
+    def started(self) -> float:
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        return time.monotonic()
+
+    def finished(self, since: float, tokens: int, error: BaseException | None = None) -> None:
+        self.in_flight -= 1
+        now = time.monotonic()
+        if error is None:
+            self.served += 1
+            self._recent.append((now, now - since, tokens))
+        else:
+            self.errors += 1
+            self.last_error = str(error)[:300]
+        self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        while self._recent and self._recent[0][0] < now - WINDOW_S:
+            self._recent.popleft()
+
+    def summary(self) -> dict[str, Any]:
+        self._trim(time.monotonic())
+        latencies = [r[1] for r in self._recent]
+        return {
+            "served": self.served,
+            "errors": self.errors,
+            "in_flight": self.in_flight,
+            "peak_in_flight": self.peak_in_flight,
+            "last_error": self.last_error,
+            "minute_tokens": sum(r[2] for r in self._recent),
+            "minute_latencies": sorted(latencies)[-200:],
+        }
+
+
+def _key(app: str, replica: str) -> str:
+    return f"stats/{app}/{replica}"
+
+
+def publish(app: str, replica: str, summary: dict[str, Any]) -> None:
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    _internal_kv_put(_key(app, replica), json.dumps(summary), overwrite=True, namespace=_NAMESPACE)
+
+
+def forget(app: str, replica: str) -> None:
+    from ray.experimental.internal_kv import _internal_kv_del
+
+    _internal_kv_del(_key(app, replica), namespace=_NAMESPACE)
+
+
+def read(app: str, replicas: Iterable[str]) -> list[dict[str, Any]]:
+    """The latest summary of each named replica that has published one."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    found = []
+    for replica in replicas:
+        raw = _internal_kv_get(_key(app, replica), namespace=_NAMESPACE)
+        if raw:
+            found.append(json.loads(raw))
+    return found
+
+
+def combine(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One deployment's figures from its workers' summaries."""
+    if not summaries:
+        return {}
+    latencies = [x for s in summaries for x in s.get("minute_latencies", [])]
+    errors = [s["last_error"] for s in summaries if s.get("last_error")]
+    return {
+        "served": sum(s.get("served", 0) for s in summaries),
+        "errors": sum(s.get("errors", 0) for s in summaries),
+        "in_flight": sum(s.get("in_flight", 0) for s in summaries),
+        "tokens_per_s": sum(s.get("minute_tokens", 0) for s in summaries) / WINDOW_S,
+        "median_latency_s": statistics.median(latencies) if latencies else None,
+        "last_error": errors[-1] if errors else "",
+    }
