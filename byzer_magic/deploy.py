@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -110,8 +111,6 @@ def reason_in(message: str) -> str:
 
 def status(name: str, *, ray_address: str | None = None, with_metrics: bool = False) -> DeploymentStatus:
     """The state of one deployment, read from the cluster; with its workers' request figures if asked."""
-    from dataclasses import replace
-
     connect(ray_address, embedded_ok=False)
     app = serve_details().get("applications", {}).get(name)
     found = _to_status(name, app)
@@ -153,6 +152,9 @@ def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> Deployme
     from ray.serve.api import _run
 
     preflight(spec)
+    if spec.model_path:
+        # Workers run in other directories: a path relative to the notebook must not reach them as is.
+        spec = replace(spec, model_path=str(Path(spec.model_path).expanduser().resolve()))
     connect(spec.ray_address)
     existing = status(spec.name)
     if existing.state != "stopped":

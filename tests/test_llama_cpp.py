@@ -63,3 +63,16 @@ def test_a_corrupt_gguf_fails_in_the_worker_and_leaves_nothing(ray_head, tiny_mo
         deploy.deploy(llama_spec(corrupt, "corrupt", extra="--deploy_timeout 120"))
     assert deploy.status("corrupt").state == "stopped"
     assert alive_replicas("corrupt") == []
+
+
+def test_a_relative_model_path_means_relative_to_the_notebook(ray_head, tiny_model, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copy(tiny_model.gguf, tmp_path / "here.gguf")
+    monkeypatch.chdir(tmp_path)
+    status = deploy.deploy(llama_spec("here.gguf", "llama_relative"))
+    try:
+        assert status.state == "ready" and status.details["model"] == "here.gguf"
+        assert chat.chat("llama_relative", PROMPT, GenParams(temperature=0, max_tokens=4)).text
+    finally:
+        deploy.undeploy("llama_relative")
