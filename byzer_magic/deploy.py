@@ -82,18 +82,19 @@ def _to_status(name: str, app: dict[str, Any] | None) -> DeploymentStatus:
     ready = sum(r.get("state") == "RUNNING" for r in replicas)
     wanted = int(dep.get("target_num_replicas", config.get("num_replicas", 0)) or 0)
     app_status = app.get("status", "")
+    workers = tuple(str(getattr(r.get("state"), "value", r.get("state", "?"))).lower() for r in replicas)
+    starting = any(w in ("starting", "updating", "recovering") for w in workers)
     if app_status == "DEPLOY_FAILED":
         state = "failed"
     elif app_status == "DELETING":
         state = "stopped"
-    elif app_status == "DEPLOYING" or (ready < wanted and dep.get("status") == "UPSCALING"):
+    elif app_status == "DEPLOYING" or (ready < wanted and (dep.get("status") == "UPSCALING" or starting)):
         state = "deploying"
     elif ready >= wanted and app_status == "RUNNING":
         state = "ready"
     else:
         state = "degraded"
     message = reason_in(dep.get("message") or app.get("message") or "")
-    workers = tuple(str(r.get("state", "?")).lower() for r in replicas)
     return DeploymentStatus(name, state, ready, wanted, message, dict(config.get("user_config") or {}), workers)
 
 

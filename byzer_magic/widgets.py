@@ -7,6 +7,7 @@ handed in by the front end, so it is tested as a Python object.
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from html import escape
 from typing import Callable
 
@@ -41,7 +42,7 @@ class StatusCard(widgets.VBox):
         self._busy = False
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
-        self.status = status
+        self.status = DeploymentStatus(status.name, status.state)
         self.title = widgets.HTML()
         self.body = widgets.HTML()
         self.error = widgets.HTML()
@@ -59,7 +60,13 @@ class StatusCard(widgets.VBox):
         self.refresh(status)
 
     def refresh(self, status: DeploymentStatus) -> None:
-        """Draw a status; buttons follow the state (and stay off while an action runs)."""
+        """Draw a status; buttons follow the state (and stay off while an action runs).
+
+        A status without request figures (a scale's answer) keeps the last ones
+        drawn, so they do not blink away until the next update brings them.
+        """
+        if not status.metrics and self.status.metrics and status.state != "stopped":
+            status = replace(status, metrics=self.status.metrics)
         self.status = status
         color = _COLORS.get(status.state, "#6e7781")
         self.title.value = (
