@@ -6,9 +6,12 @@ import subprocess
 import sys
 import tempfile
 
+import pytest
+
 from .conftest import ROOT
 
 
+@pytest.mark.timeout(2400)  # a machine without llama.cpp's wheel in pip's cache builds it: about 6.5 min
 def test_a_fresh_venv_from_binder_files_runs_the_quickstart(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
