@@ -65,6 +65,8 @@ def lab(ray_head, tmp_path):
 def test_quickstart_in_a_real_browser_plus_then_stop(lab):
     from playwright.sync_api import expect, sync_playwright
 
+    expect.set_options(timeout=60_000)
+
     ARTIFACTS.mkdir(exist_ok=True)
     flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
@@ -93,8 +95,8 @@ def test_quickstart_in_a_real_browser_plus_then_stop(lab):
                 page.keyboard.press("Shift+Enter")
                 time.sleep(0.3)
             card = page.locator(".widget-vbox", has=page.locator("button", has_text="Stop")).first
-            expect(card).to_contain_text("ready", timeout=180_000)
-            expect(card).to_contain_text("2 ready / 2 wanted")
+            expect(card).to_contain_text("2 ready / 2 wanted", timeout=180_000)
+            expect(card.locator(".widget-html").first).to_contain_text("ready", timeout=60_000)
             expect(chat_cell.locator(".jp-OutputArea-output").first).not_to_be_empty(timeout=120_000)
             card.scroll_into_view_if_needed()
             card.screenshot(path=str(ARTIFACTS / "card_ready.png"))
