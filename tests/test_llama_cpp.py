@@ -72,7 +72,7 @@ def test_a_relative_model_path_means_relative_to_the_notebook(ray_head, tiny_mod
     monkeypatch.chdir(tmp_path)
     status = deploy.deploy(llama_spec("here.gguf", "llama_relative"))
     try:
-        assert status.state == "ready" and status.details["model"] == "here.gguf"
+        assert status.state == "ready" and status.details["model"] == str(tmp_path / "here.gguf")
         assert chat.chat("llama_relative", PROMPT, GenParams(temperature=0, max_tokens=4)).text
     finally:
         deploy.undeploy("llama_relative")
