@@ -83,7 +83,9 @@ def _to_status(name: str, app: dict[str, Any] | None) -> DeploymentStatus:
     wanted = int(dep.get("target_num_replicas", config.get("num_replicas", 0)) or 0)
     app_status = app.get("status", "")
     workers = tuple(str(getattr(r.get("state"), "value", r.get("state", "?"))).lower() for r in replicas)
-    starting = any(w in ("starting", "updating", "recovering") for w in workers)
+    # A worker starting after a scale-up is progress; one starting to replace a dead worker
+    # (Serve marks the deployment UNHEALTHY) leaves the deployment degraded until it is up.
+    starting = dep.get("status") != "UNHEALTHY" and any(w in ("starting", "updating", "recovering") for w in workers)
     if app_status == "DEPLOY_FAILED":
         state = "failed"
     elif app_status == "DELETING":
