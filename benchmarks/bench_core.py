@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Awaitable, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -34,11 +37,22 @@ SHORT = GenParams(temperature=0, max_tokens=1)
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
-def spec(server, name: str, workers: int):
+def spec(server, name: str, workers: int, concurrency: int = 1):
     return parse_spec(
         f"--pretrained_model_type saas/openai --infer_params saas.api_key=bench saas.model=tiny "
-        f"saas.base_url={server.base_url} --num_workers {workers} --model {name}"
+        f"saas.base_url={server.base_url} --num_workers {workers} --worker_concurrency {concurrency} --model {name}"
     )
+
+
+@contextlib.contextmanager
+def tiny_server() -> Iterator:
+    """llama.cpp's server on 127.0.0.1 with the tiny model, and this process on the running cluster."""
+    server = start_openai_server(build(ROOT / ".cache" / "tinymodel").gguf)
+    try:
+        connect()
+        yield server
+    finally:
+        server.proc.terminate()
 
 
 def pct(values: list[float], q: float) -> float:
@@ -148,16 +162,17 @@ def bench_latency(server, n: int) -> None:
         deploy.undeploy("bench_latency")
 
 
-async def _load(name: str, total: int, clients: int) -> float:
-    queue = list(range(total))
+async def load(call: Callable[[], Awaitable], total: int, clients: int) -> float:
+    """Requests per second when `clients` callers share `total` calls of `call`."""
+    left = [total]
 
-    async def client() -> None:
-        while queue:
-            queue.pop()
-            await chat.acomplete(name, MESSAGES, SHORT)
+    async def one_client() -> None:
+        while left[0] > 0:
+            left[0] -= 1
+            await call()
 
     start = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(clients)))
+    await asyncio.gather(*(one_client() for _ in range(clients)))
     return total / (time.perf_counter() - start)
 
 
@@ -168,9 +183,10 @@ def bench_throughput(server, delay: float) -> None:
         name = f"bench_tp{workers}"
         deploy.deploy(spec(server, name, workers))
         try:
-            chat.run_on_client_loop(_load(name, 2 * workers, 2 * workers))
+            call = functools.partial(chat.acomplete, name, MESSAGES, SHORT)
+            chat.run_on_client_loop(load(call, 2 * workers, 2 * workers))
             server.control(reset=True)
-            rate = chat.run_on_client_loop(_load(name, int(20 * workers), 3 * workers))
+            rate = chat.run_on_client_loop(load(call, int(20 * workers), 3 * workers))
             results[workers] = (rate, server.stats()["max_in_flight"])
         finally:
             deploy.undeploy(name)
@@ -187,15 +203,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--delay", type=float, default=0.1)
     args = parser.parse_args()
-    model = build(ROOT / ".cache" / "tinymodel")
-    server = start_openai_server(model.gguf)
-    try:
-        connect()
+    with tiny_server() as server:
         bench_deploy(server)
         bench_latency(server, args.requests)
         bench_throughput(server, args.delay)
-    finally:
-        server.proc.terminate()
 
 
 if __name__ == "__main__":

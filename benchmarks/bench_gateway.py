@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import sys
 import time
@@ -22,19 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_core import MESSAGES, SHORT, _deployed_once, _direct_once, pct  # noqa: E402
+from benchmarks.bench_core import (  # noqa: E402
+    MESSAGES, _deployed_once, _direct_once, load, pct, spec, tiny_server,
+)
 from byzer_magic import chat, deploy, gateway  # noqa: E402
-from byzer_magic.cluster import connect  # noqa: E402
-from byzer_magic.spec import parse_spec  # noqa: E402
-from byzer_magic.tinymodel import build  # noqa: E402
-from tests.conftest import free_port, start_openai_server  # noqa: E402
-
-
-def spec(server, name: str, workers: int, concurrency: int = 1):
-    return parse_spec(
-        f"--pretrained_model_type saas/openai --infer_params saas.api_key=bench saas.model=tiny "
-        f"saas.base_url={server.base_url} --num_workers {workers} --worker_concurrency {concurrency} --model {name}"
-    )
+from tests.conftest import free_port  # noqa: E402
 
 
 async def _endpoint_once(client, name: str) -> float:
@@ -68,19 +59,6 @@ def _line(label: str, ours: list[float], base: list[float], goal: str = "") -> s
             f"p99 +{o99 - b99:.2f} ms ({o99:.2f} vs {b99:.2f} ms)")
 
 
-async def _load(call, total: int, clients: int) -> float:
-    left = [total]
-
-    async def one_client() -> None:
-        while left[0] > 0:
-            left[0] -= 1
-            await call()
-
-    start = time.perf_counter()
-    await asyncio.gather(*(one_client() for _ in range(clients)))
-    return total / (time.perf_counter() - start)
-
-
 async def _throughput(url: str, name: str, clients: int, total: int) -> tuple[float, float]:
     import openai
 
@@ -92,10 +70,10 @@ async def _throughput(url: str, name: str, clients: int, total: int) -> tuple[fl
     async def via_handle() -> None:
         await _deployed_once(name)
 
-    await _load(via_endpoint, clients, clients)
-    await _load(via_handle, clients, clients)
-    handle_rate = await _load(via_handle, total, clients)
-    endpoint_rate = await _load(via_endpoint, total, clients)
+    await load(via_endpoint, clients, clients)
+    await load(via_handle, clients, clients)
+    handle_rate = await load(via_handle, total, clients)
+    endpoint_rate = await load(via_endpoint, total, clients)
     await client.close()
     return endpoint_rate, handle_rate
 
@@ -105,10 +83,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--clients", type=int, default=64)
     args = parser.parse_args()
-    model = build(ROOT / ".cache" / "tinymodel")
-    server = start_openai_server(model.gguf)
-    try:
-        connect()
+    with tiny_server() as server:
         up = gateway.start("127.0.0.1", free_port())
         deploy.deploy(spec(server, "bench_gw", 1))
         try:
@@ -132,8 +107,6 @@ def main() -> None:
         print(f"  through the endpoint {endpoint_rate:.0f} req/s; through handles {handle_rate:.0f} req/s "
               f"-> {endpoint_rate / handle_rate:.2f}x")
         gateway.stop()
-    finally:
-        server.proc.terminate()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from .backends import LOCAL_BACKENDS
 from .errors import SpecError
@@ -123,8 +123,8 @@ def read_flags(argv: list[str], env: Mapping[str, str]) -> Flags:
     return flags
 
 
-def _unknown_flag_message(token: str) -> str:
-    valid = [f"--{name}" for name in FLAG_HELP]
+def _unknown_flag_message(token: str, names: Iterable[str] = FLAG_HELP) -> str:
+    valid = [f"--{name}" for name in names]
     flag = token.split("=", 1)[0]
     if not flag.startswith("-"):
         return (
@@ -211,11 +211,7 @@ def read_serve_flags(argv: list[str], env: Mapping[str, str], prog: str = "%byze
     parser = build_serve_parser(prog)
     known, extra = parser.parse_known_args(argv)
     if extra:
-        valid = ", ".join(f"--{name}" for name in SERVE_HELP)
-        flag = extra[0].split("=", 1)[0]
-        close = difflib.get_close_matches(flag.lstrip("-").replace("-", "_"), list(SERVE_HELP), n=1)
-        hint = f" Did you mean --{close[0]}?" if close else ""
-        raise SpecError(f"{prog}: unknown argument {flag}.{hint} Valid flags: {valid}.")
+        raise SpecError(f"{prog}: {_unknown_flag_message(extra[0], SERVE_HELP)}")
     if not 0 < known.port < 65536:
         raise SpecError(f"{prog} --port {known.port}: use a TCP port from 1 to 65535")
     if known.api_key is not None:

@@ -276,6 +276,10 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None) -> Any
         message = f"{request.method} {request.url.path}: {exc.detail}"
         return ApiError(exc.status_code, message, kind).response()
 
+    @app.exception_handler(ApiError)
+    async def _refused(request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
         return _api_error(exc).response()
@@ -301,13 +305,18 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None) -> Any
 
     @app.get("/v1/models/{model}", responses=_MODEL_ERRORS)
     async def get_model(model: str) -> Response:
-        found = [info for info in await deployments.models() if info["name"] == model]
-        if not found:
-            return (await _unknown(model)).response()
-        return _json(card(found[0]))
+        return _json(card(await _find(model)))
 
-    async def _unknown(model: str) -> ApiError:
-        names = [info["name"] for info in await deployments.models()]
+    async def _find(model: str) -> dict[str, Any]:
+        """A deployment's description, or the 404 that lists the deployed names (one listing either way)."""
+        infos = await deployments.models()
+        for info in infos:
+            if info["name"] == model:
+                return info
+        raise _unknown(model, infos)
+
+    def _unknown(model: str, infos: list[dict[str, Any]]) -> ApiError:
+        names = [info["name"] for info in infos]
         known = f"deployed now: {', '.join(names)}" if names else "nothing is deployed"
         return ApiError(404, f"no deployment named {model!r} ({known})", "invalid_request_error", "model", "model_not_found")
 
@@ -322,7 +331,10 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None) -> Any
             stream = deployments.stream(body.model, request, gen)
             first = await anext(stream, None)
         except Exception as exc:
-            error = await _unknown(body.model) if isinstance(exc, NotDeployedError) else _api_error(exc)
+            if isinstance(exc, NotDeployedError):
+                error = _unknown(body.model, await deployments.models())
+            else:
+                error = _api_error(exc)
             metrics.observe(body.model, route, error.status, started, [], error)
             return error.response()
         return StreamingResponse(
@@ -405,10 +417,7 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None) -> Any
 
     @app.post("/v1/embeddings", responses=_MODEL_ERRORS)
     async def embeddings(body: EmbeddingRequest) -> Response:
-        found = [info for info in await deployments.models() if info["name"] == body.model]
-        if not found:
-            return (await _unknown(body.model)).response()
-        backend = found[0].get("backend")
+        backend = (await _find(body.model)).get("backend")
         return ApiError(
             400, f"{body.model!r} does not embed: its backend ({backend}) generates text; "
             "deploy an embedding model to use /v1/embeddings", "invalid_request_error", "model", "model_not_embedding",
