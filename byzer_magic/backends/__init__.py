@@ -41,7 +41,7 @@ BACKENDS: dict[str, BackendInfo] = {
     info.name: info
     for info in (
         BackendInfo("saas", "byzer_magic.backends.saas", "saas.", "openai", "", False),
-        BackendInfo("llama_cpp", "byzer_magic.backends.llama_cpp", "", "llama_cpp", "llama_cpp", False),
+        BackendInfo("llama_cpp", "byzer_magic.backends.llama_cpp", "", "llama_cpp", "llama-cpp", False),
         BackendInfo("vllm", "byzer_magic.backends.vllm", "backend.", "vllm", "vllm", True),
     )
 }
