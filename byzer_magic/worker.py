@@ -5,6 +5,7 @@ health checks and restarts; this class only adapts a backend to them.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, AsyncIterator
 
 from . import metrics
@@ -84,9 +85,16 @@ class Worker:
         return {**self._backend.stats(), **self._log.summary()}
 
     async def check_health(self) -> None:
-        """Serve calls this every 2 s; it also hands the card this worker's figures."""
+        """Serve calls this every 2 s; it also hands the card this worker's figures.
+
+        Publishing is best effort: a failed health check makes Serve replace the
+        worker, and a hiccup of the key-value store must not cost a loaded model.
+        """
         await self._backend.health()
-        metrics.publish(*self._where, self._log.summary())
+        try:
+            metrics.publish(*self._where, self._log.summary())
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            logging.getLogger("ray.serve").warning("byzer_magic: could not publish worker figures: %s", exc)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """user_config holds the deployment's public description, for listing only."""
