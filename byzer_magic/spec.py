@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 from pydantic import SecretStr, ValidationError
 
-from .backends import BACKENDS, LOCAL_BACKENDS, PLANNED_BACKENDS, BackendInfo
+from .backends import BACKENDS, EMBEDDING_TYPES, LOCAL_BACKENDS, BackendInfo
 from .backends.base import BackendSettings
 from .backends.providers import PROVIDER_BASE_URLS
 from .errors import SpecError, redact
@@ -47,6 +47,11 @@ class DeploySpec:
         return BACKENDS[self.backend]
 
     @property
+    def task(self) -> str:
+        """"chat", or "embed" for an embedding model type; decides what the worker answers."""
+        return "chat" if self.backend == "saas" else task_of(self.pretrained_model_type)
+
+    @property
     def base_url(self) -> str | None:
         """The endpoint a SaaS worker calls: saas.base_url, else the provider's."""
         return getattr(self.params, "base_url", None) or PROVIDER_BASE_URLS.get(self.provider or "")
@@ -62,9 +67,10 @@ class DeploySpec:
     def public_params(self) -> dict[str, Any]:
         """infer_params as the user wrote them, secrets shown as ***."""
         prefix = self.info.prefix
+        values = {**self.params.__dict__, **(self.params.model_extra or {})}
         return {
             f"{prefix}{key}": "***" if isinstance(value, SecretStr) else value
-            for key, value in self.params.__dict__.items()
+            for key, value in values.items()
             if key in self.params.model_fields_set
         }
 
@@ -77,6 +83,7 @@ class DeploySpec:
             "backend": self.backend,
             "provider": self.provider,
             "model": model,
+            "task": self.task,
             "base_url": self.base_url if self.backend == "saas" else None,
             "num_workers": self.num_workers,
             "worker_concurrency": self.worker_concurrency,
@@ -187,6 +194,12 @@ def _build(flags: Flags) -> DeploySpec:
             f"--gpus_per_worker {gpus:g}: {backend} needs whole GPUs (it shards over them with "
             f"tensor parallelism); use 1, 2, ... or share a GPU with backend.gpu_memory_utilization"
         )
+    if backend == "deepspeed" and gpus > 1:
+        raise SpecError(
+            f"--gpus_per_worker {gpus:g}: a deepspeed worker is one process on one GPU, and DeepSpeed's tensor "
+            f"parallelism needs one process per GPU; use --gpus_per_worker 1 with more --num_workers, or "
+            f"--infer_backend vllm, which shards one model over several GPUs"
+        )
     concurrency = v.get("worker_concurrency")
     if concurrency is None:
         concurrency = _default_concurrency(backend, params)
@@ -212,8 +225,19 @@ def _build(flags: Flags) -> DeploySpec:
     )
 
 
+def task_of(model_type: str) -> str:
+    """"embed" for the embedding model types (`custom/bge`, `m3e`, ...), else "chat"."""
+    bare = model_type[len("custom/"):] if model_type.startswith("custom/") else model_type
+    return "embed" if bare.lower() in EMBEDDING_TYPES else "chat"
+
+
 def _backend_for(model_type: str, infer_backend: str | None) -> tuple[str, str | None]:
     known = ", ".join(f"saas/{p}" for p in PROVIDER_BASE_URLS)
+    local = ", ".join(LOCAL_BACKENDS)
+    if infer_backend is not None and infer_backend not in LOCAL_BACKENDS:
+        close = difflib.get_close_matches(str(infer_backend), LOCAL_BACKENDS, n=1)
+        hint = f" Did you mean {close[0]}?" if close else ""
+        raise SpecError(f"--infer_backend {infer_backend!r} is not a backend.{hint} Valid: {local}")
     if model_type.startswith("saas/"):
         provider = model_type[5:]
         if provider not in PROVIDER_BASE_URLS:
@@ -227,39 +251,75 @@ def _backend_for(model_type: str, infer_backend: str | None) -> tuple[str, str |
             raise SpecError(f"--infer_backend does not apply to {model_type}; remove it")
         return "saas", provider
     if model_type == "custom/auto":
-        if infer_backend in LOCAL_BACKENDS:
+        if infer_backend:
             return str(infer_backend), None
-        if infer_backend in PLANNED_BACKENDS:
+        raise SpecError(f"--pretrained_model_type custom/auto needs --infer_backend, one of: {local}")
+    if difflib.get_close_matches(model_type, ["custom/auto"], n=1, cutoff=0.8):
+        raise SpecError(f"--pretrained_model_type {model_type!r}: did you mean custom/auto?")
+    if not re.fullmatch(r"(custom/)?[A-Za-z0-9][A-Za-z0-9_.-]*", model_type):
+        raise SpecError(
+            f"--pretrained_model_type {model_type!r}: use saas/<provider> ({known}), custom/auto with "
+            f"--infer_backend ({local}), or a transformers model type such as custom/bge or llama2"
+        )
+    if task_of(model_type) == "embed":
+        if infer_backend not in (None, "transformers"):
             raise SpecError(
-                f"--infer_backend {infer_backend} is not available in this version of byzer_magic; "
-                f"custom/auto runs {' or '.join(LOCAL_BACKENDS)}"
+                f"--pretrained_model_type {model_type} is an embedding model: it deploys with "
+                f"--infer_backend transformers, not {infer_backend}"
             )
-        got = f"got {infer_backend!r}" if infer_backend else "it is missing"
-        raise SpecError(f"--pretrained_model_type custom/auto needs --infer_backend vllm or llama_cpp ({got})")
-    raise SpecError(
-        f"--pretrained_model_type {model_type!r}: use saas/<provider> ({known}) or custom/auto with "
-        f"--infer_backend {' or '.join(LOCAL_BACKENDS)}; transformers model types are not available "
-        f"in this version"
-    )
+        return "transformers", None
+    return str(infer_backend or "transformers"), None
 
 
 def _settings(info: BackendInfo, model_type: str, raw: dict[str, Any]) -> BackendSettings:
     model = info.settings
     valid = [f"{info.prefix}{k}" for k in model.model_fields]
     values: dict[str, Any] = {}
+    open_keys: Mapping[str, Any] | None = {}
     for key, value in raw.items():
-        if not key.startswith(info.prefix) or key[len(info.prefix):] not in model.model_fields:
-            close = difflib.get_close_matches(key, valid, n=1)
-            hint = f" Did you mean {close[0]}?" if close else ""
-            raise SpecError(
-                f"--infer_params {key}: not a key for {model_type} ({info.name}).{hint} "
-                f"Valid keys: {', '.join(valid)}."
-            )
-        values[key[len(info.prefix):]] = value
+        bare = key[len(info.prefix):] if key.startswith(info.prefix) else None
+        if bare in model.model_fields:
+            values[bare] = value
+            continue
+        if bare and open_keys == {}:
+            open_keys = model.open_keys()
+        if bare and open_keys and bare in open_keys:
+            values[bare] = _open_value(key, open_keys[bare], value)
+            continue
+        names = valid + [f"{info.prefix}{k}" for k in (open_keys or {})]
+        close = difflib.get_close_matches(key, names, n=1)
+        hint = f" Did you mean {close[0]}?" if close else ""
+        more = ""
+        if open_keys is None:
+            more = f" ({info.library} is not installed here, so its other arguments cannot be checked.)"
+        elif open_keys:
+            more = f" ...and the other {len(open_keys)} arguments of the installed {info.library}."
+        raise SpecError(
+            f"--infer_params {key}: not a key for {model_type} ({info.name}).{hint} "
+            f"Valid keys: {', '.join(valid)}{more}"
+        )
     try:
         return model(**values)
     except ValidationError as exc:
         raise SpecError(_explain(exc, info, model_type)) from None
+
+
+def _open_value(key: str, annotation: Any, value: Any) -> Any:
+    """Check a value against the library's own type hint, when pydantic can read the hint."""
+    from pydantic import TypeAdapter
+    from pydantic.errors import PydanticSchemaGenerationError
+
+    try:
+        adapter = TypeAdapter(annotation)
+    except (PydanticSchemaGenerationError, TypeError, NameError):
+        return value
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as exc:
+        expected = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+        raise SpecError(
+            f"--infer_params {key}={value!r}: expected {expected} ({exc.errors()[0]['msg'].lower()})"
+        ) from None
 
 
 def _explain(exc: ValidationError, info: BackendInfo, model_type: str) -> str:
@@ -276,6 +336,7 @@ def _explain(exc: ValidationError, info: BackendInfo, model_type: str) -> str:
 
 
 def _default_concurrency(backend: str, params: BackendSettings) -> int:
+    """vLLM batches what it is given; every other backend answers one request at a time."""
     if backend == "vllm":
         return getattr(params, "max_num_seqs", None) or 256
     return 1

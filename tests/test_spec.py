@@ -69,6 +69,17 @@ GOOD = [
      dict(worker_concurrency=8), dict(max_num_seqs=4)),
     ("--model v --infer_backend vllm --model_path /m --infer_params backend.max_num_seqs=4",
      dict(worker_concurrency=4), dict(max_num_seqs=4)),
+    ("--model t --infer_backend transformers --model_path /m --infer_params backend.device=cpu backend.dtype=float32",
+     dict(backend="transformers", task="chat", worker_concurrency=1), dict(device="cpu", dtype="float32")),
+    ("--model t --pretrained_model_type llama2 --model_path /m", dict(backend="transformers", task="chat"), {}),
+    ("--model d --infer_backend deepspeed --model_path /m --gpus_per_worker 1",
+     dict(backend="deepspeed", task="chat"), dict(replace_with_kernel_inject=None)),
+    # byzer-llm's own embedding example
+    ("byzerllm deploy --pretrained_model_type custom/bge --cpus_per_worker 0.001 --gpus_per_worker 0 "
+     "--worker_concurrency 10 --model_path /models/bge-large-zh --infer_backend transformers --num_workers 1 "
+     "--model emb", dict(backend="transformers", task="embed", worker_concurrency=10), dict(pooling="mean")),
+    ("--model e --pretrained_model_type m3e --model_path /m --infer_params backend.pooling=cls",
+     dict(backend="transformers", task="embed"), dict(pooling="cls", normalize=True)),
 ]
 
 
@@ -79,6 +90,31 @@ def test_good_specs_parse(text, fields, params):
         assert getattr(spec, key) == value, key
     for key, value in params.items():
         assert getattr(spec.params, key) == value, key
+
+
+vllm_installed = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("vllm") is None, reason="checking open engine arguments needs vllm installed"
+)
+
+
+@vllm_installed
+def test_any_engine_argument_of_the_installed_vllm_is_accepted_typed_and_shown():
+    spec = parse_spec("--model v --infer_backend vllm --model_path /m "
+                      "--infer_params backend.kv_cache_memory_bytes=268435456 backend.max_model_len=512")
+    assert spec.params.model_extra == {"kv_cache_memory_bytes": 268435456}
+    assert spec.params.model_dump()["kv_cache_memory_bytes"] == 268435456
+    assert spec.describe()["infer_params"]["backend.kv_cache_memory_bytes"] == 268435456
+
+
+@vllm_installed
+@pytest.mark.parametrize("params,message", [
+    ("backend.max_num_seqss=4", "Did you mean backend.max_num_seqs.*other .* arguments of the installed vllm"),
+    ("backend.kv_cache_memory_bytes=lots", "backend.kv_cache_memory_bytes='lots': expected"),
+    ("backend.tensor_parallel_sise=2", "Did you mean backend.tensor_parallel_size"),
+])
+def test_unknown_or_mistyped_engine_arguments_are_refused(params, message):
+    with pytest.raises(SpecError, match=message):
+        parse_spec(f"--model v --infer_backend vllm --model_path /m --infer_params {params}")
 
 
 def test_the_guide_secret_is_read_from_the_environment_and_masked():
@@ -114,10 +150,19 @@ BAD = [
     ("--model x --pretrained_model_type saas/nosuch --infer_params saas.api_key=k saas.model=m",
      "unknown provider.*saas/qianwen"),
     ("--model x --pretrained_model_type saas/opnai", "Did you mean saas/openai"),
-    ("--model x --pretrained_model_type custom/auto --model_path /m", "needs --infer_backend vllm or llama_cpp"),
-    ("--model x --infer_backend tensorrt --model_path /m", "needs --infer_backend vllm or llama_cpp.*tensorrt"),
-    ("--model x --infer_backend transformers --model_path /m", "transformers is not available"),
-    ("--model x --pretrained_model_type llama --model_path /m", "use saas/<provider>"),
+    ("--model x --pretrained_model_type custom/auto --model_path /m",
+     "needs --infer_backend, one of: vllm, transformers, deepspeed, llama_cpp"),
+    ("--model x --infer_backend tensorrt --model_path /m", "'tensorrt' is not a backend.*Valid: vllm, transformers"),
+    ("--model x --infer_backend transformer --model_path /m", "Did you mean transformers"),
+    ("--model x --pretrained_model_type custom/atuo --infer_backend vllm --model_path /m", "did you mean custom/auto"),
+    ("--model x --pretrained_model_type 'llama 2!' --model_path /m", "use saas/<provider>.*custom/bge"),
+    ("--model x --pretrained_model_type custom/bge --infer_backend vllm --model_path /m",
+     "embedding model: it deploys with --infer_backend transformers, not vllm"),
+    ("--model x --infer_backend deepspeed --model_path /m --gpus_per_worker 2", "one process per GPU"),
+    ("--model x --infer_backend deepspeed --model_path /m --gpus_per_worker 0.5", "deepspeed needs whole GPUs"),
+    ("--model x --infer_backend transformers --model_path /m --infer_params device=cpu", "Did you mean backend.device"),
+    ("--model x --infer_backend transformers --model_path /m --infer_params backend.dtype=fp7",
+     "backend.dtype: input should be 'auto', 'float32'"),
     ("--model x --infer_backend llama_cpp", "--model_path is required"),
     ("--model x --infer_backend llama_cpp --model_path /m.gguf --infer_params n_ctxx=5", "Did you mean n_ctx.*Valid keys"),
     ("--model x --infer_backend llama_cpp --model_path /m.gguf --infer_params n_ctx=abc", "n_ctx: input should be a valid integer"),

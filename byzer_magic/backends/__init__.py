@@ -43,11 +43,13 @@ BACKENDS: dict[str, BackendInfo] = {
         BackendInfo("saas", "byzer_magic.backends.saas", "saas.", "openai", "", False),
         BackendInfo("llama_cpp", "byzer_magic.backends.llama_cpp", "", "llama_cpp", "llama-cpp", False),
         BackendInfo("vllm", "byzer_magic.backends.vllm", "backend.", "vllm", "vllm", True),
+        BackendInfo("transformers", "byzer_magic.backends.hf", "backend.", "transformers", "transformers", False),
+        BackendInfo("deepspeed", "byzer_magic.backends.deepspeed", "backend.", "deepspeed", "deepspeed", True),
     )
 }
 
-LOCAL_BACKENDS = ("vllm", "llama_cpp")
+LOCAL_BACKENDS = ("vllm", "transformers", "deepspeed", "llama_cpp")
 """Backends that `custom/auto` accepts, in the guide's order."""
 
-PLANNED_BACKENDS = ("transformers", "deepspeed")
-"""Backends the guide names that this version cannot host yet."""
+EMBEDDING_TYPES = ("bge", "bge_m3", "m3e", "embedding", "sentence_transformers")
+"""`--pretrained_model_type` names (bare or after `custom/`) of models that embed rather than chat."""

@@ -7,7 +7,7 @@ parser can read its settings on a machine that lacks the library.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Mapping, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -17,14 +17,29 @@ class BackendSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
 
+    @classmethod
+    def open_keys(cls) -> Mapping[str, Any] | None:
+        """Keys accepted beyond the typed fields, with their type hints.
+
+        A backend that passes keys on to its library (vLLM's engine arguments)
+        reads them from the installed library; None means it is not installed,
+        so they cannot be checked here. Most backends accept only their fields.
+        """
+        return {}
+
 
 @dataclass(frozen=True)
 class Delta:
-    """One piece of a streamed answer; the last one carries finish_reason and usage."""
+    """One piece of a streamed answer; the last one carries finish_reason and usage.
+
+    `token_ids` are the ids behind `text`, from backends whose library reports
+    them (vLLM, transformers); they let engines be compared token by token.
+    """
 
     text: str
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
+    token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -36,6 +51,14 @@ class GenParams:
     top_p: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """Vectors in the order of the texts, and the tokens read, which OpenAI's usage reports."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int = 0
 
 
 Messages = list[dict[str, Any]]
@@ -53,6 +76,8 @@ class Backend(Protocol):
         ...
 
     async def health(self) -> None: ...
+
+    # Embedding backends also define `async def embed(texts: list[str]) -> Embeddings`.
 
     def stats(self) -> dict[str, Any]: ...
 
