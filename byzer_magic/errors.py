@@ -28,6 +28,10 @@ class NotDeployedError(ByzerError):
     """A name that no deployment on the cluster carries."""
 
 
+class WrongTaskError(ByzerError):
+    """A chat sent to an embedding model, or texts to embed sent to a chat model."""
+
+
 class BackendError(ByzerError):
     """A backend (a provider, a model library) failed a request.
 

@@ -9,7 +9,8 @@ import logging
 from typing import Any, AsyncIterator
 
 from . import metrics
-from .backends.base import Delta, GenParams, Messages
+from .backends.base import Delta, Embeddings, GenParams, Messages
+from .errors import WrongTaskError
 from .metrics import RequestLog
 from .spec import DeploySpec
 
@@ -20,7 +21,7 @@ def _merge(first: Delta | None, second: Delta) -> Delta:
     if first is None:
         return second
     usage = {**(first.usage or {}), **(second.usage or {})} or None
-    return Delta("", second.finish_reason or first.finish_reason, usage)
+    return Delta("", second.finish_reason or first.finish_reason, usage, first.token_ids + second.token_ids)
 
 
 class Worker:
@@ -34,6 +35,7 @@ class Worker:
             base_url=spec.base_url,
             model_path=spec.model_path,
             gpus=int(spec.gpus_per_worker),
+            task=spec.task,
         )
         await self._backend.start()
         from ray import serve
@@ -61,7 +63,7 @@ class Worker:
                 answer = self._backend.chat(messages, gen)
             async for delta in answer:
                 if delta.text:
-                    tokens += 1
+                    tokens += len(delta.token_ids) or 1
                     if tail is not None:
                         yield tail
                         tail = None
@@ -80,6 +82,24 @@ class Worker:
     async def complete(self, messages: Messages | str, gen: GenParams) -> list[Delta]:
         """The whole answer in one reply, for callers that do not stream."""
         return [delta async for delta in self.chat(messages, gen)]
+
+    async def embed(self, texts: list[str]) -> Embeddings:
+        """One vector per text, from backends that embed; the others say so plainly."""
+        embed = getattr(self._backend, "embed", None)
+        if embed is None:
+            raise WrongTaskError(
+                f"{self._spec.name!r} is a chat model ({self._spec.backend}); it does not embed text: deploy an "
+                f"embedding model type (e.g. --pretrained_model_type custom/bge) for embeddings"
+            )
+        since = self._log.started()
+        failure: BaseException | None = None
+        try:
+            return await embed([str(text) for text in texts])
+        except Exception as exc:
+            failure = exc
+            raise
+        finally:
+            self._log.finished(since, 0, failure)
 
     def stats(self) -> dict[str, Any]:
         return {**self._backend.stats(), **self._log.summary()}

@@ -1,21 +1,41 @@
 """vLLM's async engine: one worker batches many requests at once.
 
-`backend.*` keys become `AsyncEngineArgs`; the defaults are the deployment
-guide's. Closing a chat's stream cancels the request inside the engine.
+`backend.*` keys become `AsyncEngineArgs`: the common ones are typed fields
+with the deployment guide's defaults, and any other engine argument of the
+installed vLLM is accepted and checked against vLLM's own type hints.
+Closing a chat's stream (an interrupted cell) aborts the request in the engine.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import itertools
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Mapping
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from ..errors import BackendError
 from .base import BackendSettings, Delta, GenParams, Messages
 
 
+@functools.cache
+def _engine_fields() -> Mapping[str, Any] | None:
+    try:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+    except ImportError:
+        return None
+    return {f.name: f.type for f in dataclasses.fields(AsyncEngineArgs) if f.name != "model"}
+
+
 class Settings(BackendSettings):
     """`backend.*` keys: vLLM engine arguments."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @classmethod
+    def open_keys(cls) -> Mapping[str, Any] | None:
+        return _engine_fields()
 
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1, description="share of GPU memory vLLM may take")
     max_model_len: int | None = Field(default=None, gt=0, description="context length; default: the model's")
@@ -40,6 +60,7 @@ class Backend:
         self._gpus = gpus
         self._engine: Any = None
         self._tokenizer: Any = None
+        self._defaults: dict[str, Any] = {}
         self._ids = itertools.count()
         self._served = 0
         self._tokens = 0
@@ -50,11 +71,13 @@ class Backend:
 
         args = self._settings.model_dump(exclude_none=True)
         if self._gpus > 1:
-            args["tensor_parallel_size"] = self._gpus
+            args.setdefault("tensor_parallel_size", self._gpus)
         try:
             self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=self._model_path, **args))
-            self._tokenizer = await self._engine.get_tokenizer()
-        except (ValueError, RuntimeError, OSError) as exc:
+            tokenizer = self._engine.get_tokenizer()
+            self._tokenizer = await tokenizer if inspect.isawaitable(tokenizer) else tokenizer
+            self._defaults = self._engine.model_config.get_diff_sampling_param()
+        except (ValueError, RuntimeError, OSError, TypeError) as exc:
             raise BackendError("vllm", None, f"cannot start the engine on {self._model_path}: {exc}") from None
 
     def chat(self, messages: Messages, gen: GenParams) -> AsyncIterator[Delta]:
@@ -65,9 +88,10 @@ class Backend:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        defaults = self._defaults
         params = SamplingParams(
-            temperature=1.0 if gen.temperature is None else gen.temperature,
-            top_p=1.0 if gen.top_p is None else gen.top_p,
+            temperature=defaults.get("temperature", 1.0) if gen.temperature is None else gen.temperature,
+            top_p=defaults.get("top_p", 1.0) if gen.top_p is None else gen.top_p,
             max_tokens=gen.max_tokens or 256,
             seed=gen.seed,
             stop=list(gen.stop) or None,
@@ -75,11 +99,21 @@ class Backend:
         )
         request_id = f"byzer-{next(self._ids)}"
         try:
+            held: tuple[int, ...] = ()
+            generated = 0
             async for out in self._engine.generate(prompt, params, request_id):
                 piece = out.outputs[0]
+                generated += len(piece.token_ids)
                 self._tokens += len(piece.token_ids)
+                held += tuple(piece.token_ids)
+                usage = None
+                if piece.finish_reason:
+                    prompt_tokens = len(out.prompt_token_ids or ())
+                    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
+                             "total_tokens": prompt_tokens + generated}
                 if piece.text or piece.finish_reason:
-                    yield Delta(piece.text, piece.finish_reason)
+                    yield Delta(piece.text, piece.finish_reason, usage, held)
+                    held = ()
         except (ValueError, RuntimeError) as exc:
             raise BackendError("vllm", None, str(exc)) from None
         self._served += 1
@@ -88,7 +122,9 @@ class Backend:
         await self._engine.check_health()
 
     def stats(self) -> dict[str, Any]:
-        return {"served": self._served, "tokens": self._tokens}
+        processor = getattr(self._engine, "output_processor", None)
+        running = processor.get_num_unfinished_requests() if processor is not None else None
+        return {"served": self._served, "tokens": self._tokens, "running": running}
 
     async def shutdown(self) -> None:
         if self._engine is not None:
