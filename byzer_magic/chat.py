@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Iterator, TypeVar
 
-from .backends.base import Delta, GenParams, Messages
+from .backends.base import Delta, Embeddings, GenParams, Messages
 from .cluster import connect
 from .errors import BackendError, ByzerError, NotDeployedError
 from .worker import WORKER_NAME
@@ -115,6 +115,22 @@ async def acomplete(name: str, messages: Messages | str, gen: GenParams | None =
         return await _handle(name).complete.remote(messages, gen or GenParams())
     except _ray_errors() as exc:
         raise _unwrap(name, exc) from None
+
+
+async def aembed(name: str, texts: list[str]) -> Embeddings:
+    """Vectors for texts from an embedding deployment; must run on the client loop."""
+    try:
+        return await _handle(name).embed.remote(list(texts))
+    except _ray_errors() as exc:
+        raise _unwrap(name, exc) from None
+
+
+def embed(name: str, texts: str | list[str]) -> list[list[float]]:
+    """One vector per text (a str is one text), from a deployment of an embedding model type."""
+    batch = [texts] if isinstance(texts, str) else list(texts)
+    if not batch:
+        return []
+    return run_on_client_loop(aembed(name, batch)).vectors
 
 
 @dataclass

@@ -7,6 +7,7 @@ Exit status: 0 done, 2 bad input, 1 the cluster or the provider failed.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from typing import Sequence
@@ -20,6 +21,7 @@ COMMANDS = {
     "stat": "show one deployment: byzer-magic stat NAME",
     "scale": "change the number of workers: byzer-magic scale NAME N",
     "chat": "ask a deployment: byzer-magic chat NAME PROMPT...",
+    "embed": "embed texts, one JSON vector per line: byzer-magic embed NAME TEXT...",
     "serve": "one OpenAI-compatible endpoint for every deployment (see `byzer-magic serve --help`)",
 }
 
@@ -42,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("--system")
             cmd.add_argument("--temperature", type=float)
             cmd.add_argument("--max_tokens", type=int)
+        if name == "embed":
+            cmd.add_argument("texts", nargs="+", metavar="TEXT", help="each argument is one text")
     return parser
 
 
@@ -106,6 +110,9 @@ def _run(args: argparse.Namespace) -> int:
             sys.stdout.write(delta.text)
             sys.stdout.flush()
         print()
+    elif args.command == "embed":
+        for vector in chat_api.embed(args.name, args.texts):
+            print(json.dumps(vector))
     return 0
 
 

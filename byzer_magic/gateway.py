@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterator
 
-from .backends.base import Delta, GenParams, Messages
+from .backends.base import Delta, Embeddings, GenParams, Messages
 from .cluster import connect, worker_runtime_env
 from .errors import DeployError, NotDeployedError
 from .openai_api import build_app, key_digest
@@ -46,6 +46,11 @@ class _ServeDeployments:
         from .chat import acomplete
 
         return await acomplete(name, request, gen)
+
+    async def embed(self, name: str, texts: list[str]) -> Embeddings:
+        from .chat import aembed
+
+        return await aembed(name, texts)
 
 
 def _listen(host: str, port: int) -> socket.socket:

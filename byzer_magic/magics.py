@@ -166,6 +166,35 @@ class ByzerMagics(Magics, Configurable):
         if args.output:
             self.shell.user_ns[args.output] = result
 
+    @line_cell_magic
+    @_friendly
+    def byzer_embed(self, line: str, cell: str | None = None) -> Any:
+        """Embed text with a deployment of an embedding model type (e.g. custom/bge).
+
+        The line form embeds the rest of the line, verbatim, as one text and
+        returns its vector; the cell form embeds each non-empty line of the
+        cell and returns one row per line. Both are numpy arrays.
+
+        Examples::
+
+            vec = %byzer_embed my_emb What is Ray?
+
+            %%byzer_embed my_emb
+            first document
+            second document
+        """
+        import numpy as np
+
+        name, _, rest = line.strip().partition(" ")
+        if not name:
+            raise UsageError("usage: %byzer_embed NAME text..., or %%byzer_embed NAME with one text per line")
+        texts = [t.strip() for t in cell.splitlines() if t.strip()] if cell is not None else [rest.strip()]
+        if not any(texts):
+            raise UsageError(f"nothing to embed: write the text after the name (%byzer_embed {name} Hello)")
+        connect(self.ray_address, embedded_ok=False)
+        vectors = np.asarray(chat_api.embed(name, texts), dtype=np.float32)
+        return vectors if cell is not None else vectors[0]
+
     @line_magic
     @_friendly
     def byzer_list(self, line: str = ""):

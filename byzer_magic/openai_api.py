@@ -8,6 +8,7 @@ Deployments are reached only through `Deployments`, so no Ray code lives here.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -18,7 +19,8 @@ from typing import Any, AsyncIterator, Callable, Literal, Protocol
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from openai.types import Completion, CompletionChoice, CompletionUsage, Model
+from openai.types import Completion, CompletionChoice, CompletionUsage, CreateEmbeddingResponse, Embedding, Model
+from openai.types.create_embedding_response import Usage as EmbeddingUsage
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
 from openai.types.chat.chat_completion import Choice
 from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
@@ -27,8 +29,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from .backends.base import Delta, GenParams, Messages
-from .errors import BackendError, ByzerError, NotDeployedError
+from .backends.base import Delta, Embeddings, GenParams, Messages
+from .errors import BackendError, ByzerError, NotDeployedError, WrongTaskError
 
 
 class Deployments(Protocol):
@@ -41,6 +43,8 @@ class Deployments(Protocol):
     def stream(self, name: str, request: Messages | str, gen: GenParams) -> AsyncIterator[Delta]: ...
 
     async def complete(self, name: str, request: Messages | str, gen: GenParams) -> list[Delta]: ...
+
+    async def embed(self, name: str, texts: list[str]) -> Embeddings: ...
 
 
 class _Lenient(BaseModel):
@@ -105,7 +109,11 @@ class CompletionRequest(_Generation):
 
 class EmbeddingRequest(_Lenient):
     model: str = Field(min_length=1)
-    input: str | list[str]
+    input: str | list[str] = Field(description="a text, or a list of at most 2048 texts")
+    encoding_format: Literal["float", "base64"] = "float"
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else self.input
 
 
 class ErrorDetail(BaseModel):
@@ -152,6 +160,8 @@ def _api_error(exc: BaseException) -> ApiError:
         return exc
     if isinstance(exc, NotDeployedError):
         return ApiError(404, str(exc), "invalid_request_error", "model", "model_not_found")
+    if isinstance(exc, WrongTaskError):
+        return ApiError(400, str(exc), "invalid_request_error", "model", "wrong_model_task")
     if isinstance(exc, BackendError):
         if exc.status_code == 429:
             return ApiError(429, str(exc), "rate_limit_error", code="rate_limit_exceeded")
@@ -185,6 +195,15 @@ def _finish(deltas: list[Delta], allowed: set[str]) -> str:
 def _dump(model: BaseModel) -> str:
     """Fields set explicitly, nulls included: a streamed choice's finish_reason is null until the end."""
     return model.model_dump_json(exclude_unset=True, warnings=False)
+
+
+def _encode(vector: list[float], encoding: str) -> list[float] | str:
+    """OpenAI's base64 form is the little-endian float32 bytes; the openai client asks for it by default."""
+    if encoding == "float":
+        return vector
+    import numpy as np
+
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
 
 
 def _json(model: BaseModel) -> Response:
@@ -417,10 +436,25 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None) -> Any
 
     @app.post("/v1/embeddings", responses=_MODEL_ERRORS)
     async def embeddings(body: EmbeddingRequest) -> Response:
-        backend = (await _find(body.model)).get("backend")
-        return ApiError(
-            400, f"{body.model!r} does not embed: its backend ({backend}) generates text; "
-            "deploy an embedding model to use /v1/embeddings", "invalid_request_error", "model", "model_not_embedding",
-        ).response()
+        started = time.perf_counter()
+        texts = body.texts()
+        if not 1 <= len(texts) <= 2048:
+            return ApiError(400, "input: send 1 to 2048 texts", "invalid_request_error", "input").response()
+        try:
+            found = await deployments.embed(body.model, texts)
+        except Exception as exc:
+            if isinstance(exc, NotDeployedError):
+                error = _unknown(body.model, await deployments.models())
+            else:
+                error = _api_error(exc)
+            metrics.observe(body.model, "embeddings", error.status, started, [], error)
+            return error.response()
+        data = [
+            Embedding.model_construct(object="embedding", index=i, embedding=_encode(vector, body.encoding_format))
+            for i, vector in enumerate(found.vectors)
+        ]
+        usage = EmbeddingUsage(prompt_tokens=found.prompt_tokens, total_tokens=found.prompt_tokens)
+        metrics.observe(body.model, "embeddings", 200, started, [], None)
+        return _json(CreateEmbeddingResponse.model_construct(object="list", model=body.model, data=data, usage=usage))
 
     return BearerAuth(app, key_digest)

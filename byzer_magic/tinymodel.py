@@ -6,7 +6,7 @@ that llama.cpp loads. The tokenizer is a byte-level BPE trained here on a
 generated corpus, so nothing comes from a hub. The shape (hidden 128, 2 heads
 of 64) is one vLLM's CPU attention accepts.
 
-    python -m byzer_magic.tinymodel OUT_DIR [--seed 0]
+    python -m byzer_magic.tinymodel OUT_DIR [--seed 0] [--encoder]
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 SPECIAL_TOKENS = ["<s>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
-BOS, EOS = "<s>", "<|end|>"
+BOS, EOS, PAD = "<s>", "<|end|>", "<pad>"
 _WORDS = (
     "ray serve model deploy worker cluster chat answer question token stream notebook cell magic "
     "hello there what is the a an of to and in on for with from by as it this that how why when "
@@ -81,6 +81,41 @@ def build(out_dir: str | Path, config: TinyConfig = TinyConfig()) -> TinyModel:
     return model
 
 
+def build_encoder(out_dir: str | Path, config: TinyConfig = TinyConfig(hidden_size=64, num_layers=2)) -> Path:
+    """A tiny random BERT-style encoder with the same kind of tokenizer, for embedding tests.
+
+    Written with transformers itself (torch, seeded), since only the
+    transformers backend embeds; returns the model directory.
+    """
+    out = Path(out_dir)
+    stamp = out / "built.json"
+    if stamp.exists() and json.loads(stamp.read_text()).get("key") == config.key():
+        return out
+    import torch
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _train_tokenizer(config, [PAD, *SPECIAL_TOKENS])
+    torch.manual_seed(config.seed)
+    model = BertModel(
+        BertConfig(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_heads,
+            intermediate_size=config.intermediate_size,
+            max_position_embeddings=config.context_length,
+            pad_token_id=tokenizer.token_to_id(PAD),
+        ),
+    )
+    model.save_pretrained(out)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token=PAD, bos_token=BOS, eos_token=EOS, model_max_length=config.context_length
+    ).save_pretrained(out)
+    stamp.write_text(json.dumps({"key": config.key(), "config": asdict(config)}))
+    return out
+
+
 def _corpus(seed: int, sentences: int = 3000) -> list[str]:
     import numpy as np
 
@@ -93,7 +128,7 @@ def _corpus(seed: int, sentences: int = 3000) -> list[str]:
     return lines
 
 
-def _train_tokenizer(config: TinyConfig):
+def _train_tokenizer(config: TinyConfig, specials: list[str] = SPECIAL_TOKENS):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -101,7 +136,7 @@ def _train_tokenizer(config: TinyConfig):
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=config.vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -254,7 +289,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m byzer_magic.tinymodel", description=__doc__)
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--encoder", action="store_true", help="build the tiny embedding model instead")
     args = parser.parse_args(argv)
+    if args.encoder:
+        print(f"encoder: {build_encoder(args.out_dir, TinyConfig(seed=args.seed, hidden_size=64))}")
+        return
     model = build(args.out_dir, TinyConfig(seed=args.seed))
     print(f"hf: {model.hf_dir}\ngguf: {model.gguf}")
 
