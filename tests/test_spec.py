@@ -73,7 +73,7 @@ GOOD = [
      dict(backend="transformers", task="chat", worker_concurrency=1), dict(device="cpu", dtype="float32")),
     ("--model t --pretrained_model_type llama2 --model_path /m", dict(backend="transformers", task="chat"), {}),
     ("--model d --infer_backend deepspeed --model_path /m --gpus_per_worker 1",
-     dict(backend="deepspeed", task="chat"), dict(replace_with_kernel_inject=None)),
+     dict(backend="deepspeed", task="chat"), dict(replace_with_kernel_inject=False)),
     # byzer-llm's own embedding example
     ("byzerllm deploy --pretrained_model_type custom/bge --cpus_per_worker 0.001 --gpus_per_worker 0 "
      "--worker_concurrency 10 --model_path /models/bge-large-zh --infer_backend transformers --num_workers 1 "

@@ -9,6 +9,7 @@ and `TextIteratorStreamer` hands its text back to the event loop as it comes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from typing import Any, AsyncIterator, Literal
 
@@ -110,6 +111,20 @@ class Backend:
             model = model.to(device)
         self._device = str(model.device)
         self._model = self._prepare(model.eval())
+        if self._task == "chat":
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Generate one token now, so a model that loads but cannot generate fails the deploy, not the first chat."""
+        import torch
+
+        inputs = self._tokenizer("hello", return_tensors="pt").to(self._device)
+        try:
+            with torch.inference_mode():
+                self._model.generate(**inputs, max_new_tokens=1, do_sample=False,
+                                     pad_token_id=self._tokenizer.pad_token_id or self._tokenizer.eos_token_id)
+        except Exception as exc:
+            raise RuntimeError(f"the model loaded but cannot generate: {type(exc).__name__}: {exc}") from None
 
     def _prepare(self, model: Any) -> Any:
         """Hook for wrappers of the loaded model (DeepSpeed); plain transformers uses it as is."""
@@ -165,7 +180,7 @@ class Backend:
 
         class Abandoned(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:
-                return torch.full((input_ids.shape[0],), abandoned.is_set(), dtype=torch.bool)
+                return torch.full((input_ids.shape[0],), abandoned.is_set(), dtype=torch.bool, device=input_ids.device)
 
         kwargs = self._generation_kwargs(gen)
         prompt_tokens = int(inputs["input_ids"].shape[-1])
@@ -193,11 +208,12 @@ class Backend:
                     text, ids = item
                     yield Delta(text, token_ids=ids)
                 await worker
-            except (ValueError, RuntimeError) as exc:
-                raise self._fail(str(exc)) from None
+            except Exception as exc:
+                raise self._fail(f"generation failed: {exc}") from None
             finally:
                 abandoned.set()
-                await asyncio.shield(worker)
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(worker)
         finish = "length" if streamer.generated >= kwargs["max_new_tokens"] else "stop"
         usage = {
             "prompt_tokens": prompt_tokens,
