@@ -37,14 +37,17 @@ class Flags:
 
 FLAG_HELP: dict[str, str] = {
     "model": "deployment name, used by %byzer_chat, %byzer_scale and %byzer_undeploy (required)",
-    "pretrained_model_type": "saas/<provider>, custom/auto (vllm or llama_cpp), default custom/auto",
-    "infer_backend": f"local backend for custom/auto: {', '.join(LOCAL_BACKENDS)}",
+    "pretrained_model_type": (
+        "saas/<provider>; custom/auto (default) with --infer_backend; or a transformers model type: "
+        "custom/bge, m3e, ... embed, any other name chats"
+    ),
+    "infer_backend": f"local backend: {', '.join(LOCAL_BACKENDS)} (a model type defaults to transformers)",
     "model_path": "local weights: a model directory, or a .gguf file for llama_cpp",
     "num_workers": "workers (Ray Serve replicas), default 1",
-    "worker_concurrency": "requests one worker takes at once; default 1 (SaaS, llama_cpp), engine-sized for vllm",
+    "worker_concurrency": "requests one worker takes at once; default 1, engine-sized for vllm",
     "cpus_per_worker": "Ray CPUs per worker, fractions allowed, default 0.001",
     "gpus_per_worker": "Ray GPUs per worker, default 0",
-    "infer_params": "key=value settings: saas.* for SaaS, backend.* for vllm, plain keys for llama_cpp",
+    "infer_params": "key=value settings: saas.* for SaaS, backend.* for vllm/transformers/deepspeed, plain keys for llama_cpp",
     "ray_address": "Ray cluster to use; default RAY_ADDRESS, else the running one, else a local one",
     "file": "YAML file with the same keys; flags given here override it",
     "force": "replace a deployment that already has this name",

@@ -277,21 +277,22 @@ Flags:
 """ + "\n".join(f"  --{name}: {text}" for name, text in SERVE_HELP.items())
 
 
-_CHAT_LINE = re.compile(r"^(\s*)%byzer_chat\s+(\S+\s+\S.*?)\s*$")
+_CHAT_LINE = re.compile(r"^(\s*(?:[A-Za-z_][\w.]*\s*=\s*)?)%(byzer_chat|byzer_embed)\s+(\S+\s+\S.*?)\s*$")
 
 
 def keep_question_marks(lines: list[str]) -> list[str]:
     """Input transformer: `%byzer_chat NAME What is Ray?` is a question, not `Ray?` help.
 
     IPython reads any line ending in `?` as a help request for its last word;
-    a chat line with a prompt becomes an explicit magic call before that rule runs.
-    `%byzer_chat?` and `%byzer_chat NAME?` still ask for help.
+    a chat or embed line with text (`vec = %byzer_embed NAME Why?` too) becomes
+    an explicit magic call before that rule runs. `%byzer_chat?` and
+    `%byzer_chat NAME?` still ask for help.
     """
     out = []
     for line in lines:
         match = _CHAT_LINE.match(line)
         if match and line.rstrip().endswith("?"):
-            line = f"{match.group(1)}get_ipython().run_line_magic('byzer_chat', {match.group(2)!r})\n"
+            line = f"{match.group(1)}get_ipython().run_line_magic({match.group(2)!r}, {match.group(3)!r})\n"
         out.append(line)
     return out
 

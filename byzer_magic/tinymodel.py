@@ -93,7 +93,9 @@ def build_encoder(out_dir: str | Path, config: TinyConfig = TinyConfig(hidden_si
         return out
     import torch
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = _train_tokenizer(config, [PAD, *SPECIAL_TOKENS])
     torch.manual_seed(config.seed)

@@ -28,7 +28,7 @@ MAGIC_CASES = [
     ("%%byzer_deploy\n--model a --cpus_per_worker x " + LLAMA, "--cpus_per_worker must be a number"),
     ("%%byzer_deploy\n--model a --pretrained_model_type saas/nope --infer_params saas.api_key=k saas.model=m",
      "unknown provider"),
-    ("%%byzer_deploy\n--model a --infer_backend tgi --model_path /m", "needs --infer_backend vllm or llama_cpp"),
+    ("%%byzer_deploy\n--model a --infer_backend tgi --model_path /m", "'tgi' is not a backend. Valid: vllm, transformers"),
     ("%%byzer_deploy\n--model a --infer_backend llama_cpp", "--model_path is required"),
     ("%%byzer_deploy\n--model a --infer_backend llama_cpp --model_path /no/such.gguf", "no such file"),
     ("%%byzer_deploy\n--model a --infer_backend llama_cpp --model_path {not_gguf}", "not a GGUF file"),

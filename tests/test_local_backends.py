@@ -241,6 +241,8 @@ def test_byzer_embed_magic_returns_arrays(embedder, tiny_encoder, ipython):
     rows = ipython.run_cell_magic("byzer_embed", embedder, "\n".join(TEXTS) + "\n\n")
     assert vector.shape == (64,) and rows.shape == (3, 64)
     np.testing.assert_allclose(rows, _direct_embeddings(tiny_encoder, TEXTS), atol=1e-5)
+    ipython.run_cell(f"asked = %byzer_embed {embedder} What is Ray?")
+    np.testing.assert_allclose(ipython.user_ns["asked"], _direct_embeddings(tiny_encoder, ["What is Ray?"])[0], atol=1e-5)
 
 
 def test_openai_client_embeds_through_the_endpoint(embedder, hf_chat, tiny_encoder):
@@ -267,3 +269,16 @@ def test_openai_client_embeds_through_the_endpoint(embedder, hf_chat, tiny_encod
             client.chat.completions.create(model=embedder, messages=PROMPT)
     finally:
         gateway.stop()
+
+
+def test_the_command_line_embeds_one_json_vector_per_text(embedder, tiny_encoder):
+    import json
+
+    from .test_cli_and_restart import cli
+
+    done = cli("embed", embedder, TEXTS[0], TEXTS[2])
+    assert done.returncode == 0, done.stderr
+    vectors = [json.loads(line) for line in done.stdout.splitlines()]
+    np.testing.assert_allclose(vectors, _direct_embeddings(tiny_encoder, [TEXTS[0], TEXTS[2]]), atol=1e-5)
+    refused = cli("embed", "no_such_model", "hi")
+    assert refused.returncode == 1 and "no deployment named 'no_such_model'" in refused.stderr
