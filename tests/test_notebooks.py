@@ -96,3 +96,31 @@ def test_saas_notebook_runs_without_a_key_against_a_local_server(ray_head, tmp_p
     assert text_of(notebook.cells[serve_at]).strip().splitlines()[-1]
     assert "sk-local-server-needs-no-key" not in everything
     assert deploy.status("my_chat").state == "stopped" and alive_replicas("my_chat") == []
+
+
+LOCAL_NOTEBOOKS = {
+    "03_transformers_chat_and_embeddings": (["hf_chat", "tiny_emb"], ["((64,), 1.0", "array([[1.  , 1.  ,"]),
+    "04_vllm": (["vllm_chat"], ["16 answers, 1024 tokens"]),
+    "05_deepspeed": (["ds_chat"], ["' length"]),
+}
+
+
+@pytest.mark.parametrize("stem", LOCAL_NOTEBOOKS)
+def test_local_backend_notebooks_run_and_their_cards_reach_ready(ray_head, tmp_path, stem):
+    names, needles = LOCAL_NOTEBOOKS[stem]
+    path = ROOT / "examples" / f"{stem}.ipynb"
+    cells = nbformat.read(path, as_version=4).cells
+    deploys = [i for i, c in enumerate(cells) if c.source.startswith("%%byzer_deploy")]
+    cards: list[str] = []
+    notebook, client = run_cells(path, tmp_path, {i: lambda client, cell: cards.append(card_html(client)) for i in deploys})
+
+    assert len(cards) == len(names)
+    for name, card in zip(names, cards):
+        assert name in card and "1 ready / 1 wanted" in card, card
+    chat_at = next(i for i, c in enumerate(cells) if c.source.startswith("%byzer_chat"))
+    assert text_of(notebook.cells[chat_at]).strip(), "no answer arrived"
+    everything = "\n".join(text_of(c) for c in notebook.cells if c.cell_type == "code")
+    for needle in needles:
+        assert needle in everything, needle
+    for name in names:
+        assert deploy.status(name).state == "stopped" and alive_replicas(name) == []
