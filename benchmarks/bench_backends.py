@@ -36,15 +36,14 @@ CELLS = {
 
 
 def worker_memory_mib(name: str) -> float:
+    """Resident memory of the worker's process and its children (this machine's processes only)."""
     import psutil
-    from ray.util.state import list_actors
 
-    total = 0
-    for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=10000):
-        if (actor.name or "").startswith(f"SERVE_REPLICA::{name}#"):
-            proc = psutil.Process(actor.pid)
-            total += sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
-    return total / 2**20
+    async def pid() -> int:
+        return (await chat._handle(name).stats.remote())["pid"]
+
+    proc = psutil.Process(chat.run_on_client_loop(pid()))
+    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
 
 
 async def _one(name: str, i: int, gen: GenParams) -> int:

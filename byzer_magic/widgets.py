@@ -19,7 +19,14 @@ Fetch = Callable[[str], DeploymentStatus]
 Scale = Callable[[str, int], DeploymentStatus]
 Stop = Callable[[str], None]
 
-_COLORS = {"ready": "#1a7f37", "deploying": "#9a6700", "degraded": "#bc4c00", "failed": "#cf222e", "stopped": "#6e7781"}
+_COLORS = {
+    "ready": "var(--jp-success-color1, #1a7f37)",
+    "deploying": "var(--jp-warn-color1, #9a6700)",
+    "degraded": "var(--jp-warn-color0, #bc4c00)",
+    "failed": "var(--jp-error-color1, #cf222e)",
+    "stopped": "var(--jp-ui-font-color2, #6e7781)",
+}
+"""JupyterLab's (and Notebook 7's) theme colours, so a state stays readable in dark themes; hex elsewhere."""
 
 
 class StatusCard(widgets.VBox):
@@ -68,7 +75,7 @@ class StatusCard(widgets.VBox):
         if not status.metrics and self.status.metrics and status.state != "stopped":
             status = replace(status, metrics=self.status.metrics)
         self.status = status
-        color = _COLORS.get(status.state, "#6e7781")
+        color = _COLORS.get(status.state, _COLORS["stopped"])
         self.title.value = (
             f"<b>{escape(status.name)}</b> &nbsp;<span style='color:{color}'>&#9679; {status.state}</span>"
         )

@@ -6,6 +6,7 @@ health checks and restarts; this class only adapts a backend to them.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, AsyncIterator
 
 from . import metrics
@@ -102,7 +103,7 @@ class Worker:
             self._log.finished(since, 0, failure)
 
     def stats(self) -> dict[str, Any]:
-        return {**self._backend.stats(), **self._log.summary()}
+        return {**self._backend.stats(), **self._log.summary(), "pid": os.getpid()}
 
     async def check_health(self) -> None:
         """Serve calls this every 2 s; it also hands the card this worker's figures.
