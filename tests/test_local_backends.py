@@ -282,3 +282,17 @@ def test_the_command_line_embeds_one_json_vector_per_text(embedder, tiny_encoder
     np.testing.assert_allclose(vectors, _direct_embeddings(tiny_encoder, [TEXTS[0], TEXTS[2]]), atol=1e-5)
     refused = cli("embed", "no_such_model", "hi")
     assert refused.returncode == 1 and "no deployment named 'no_such_model'" in refused.stderr
+
+
+def test_asking_for_cuda_on_a_worker_without_one_fails_the_deploy_plainly(ray_head, tiny_model):
+    spec = local("transformers", tiny_model.hf_dir, "hf_cuda", "--infer_params backend.device=cuda --deploy_timeout 120")
+    with pytest.raises(DeployError, match="backend.device=cuda, but this worker sees no CUDA GPU; use backend.device=cpu"):
+        deploy.deploy(spec)
+    assert deploy.status("hf_cuda").state == "stopped" and alive_replicas("hf_cuda") == []
+
+
+def test_an_embedding_type_needs_a_model_directory(ray_head, tiny_model):
+    spec = parse_spec(f"--pretrained_model_type custom/bge --model_path {tiny_model.gguf} --model emb_gguf")
+    with pytest.raises(DeployError, match="transformers needs a model directory with config.json"):
+        deploy.deploy(spec)
+    assert deploy.status("emb_gguf").state == "stopped"
