@@ -9,12 +9,18 @@ loop (`run_on_client_loop`) skip the thread hop entirely.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import contextlib
+import logging
+import os
 import queue
+import socket
 import threading
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Iterator, TypeVar
 
+from . import metrics
 from .backends.base import Delta, Embeddings, GenParams, Messages
 from .cluster import connect
 from .errors import BackendError, ByzerError, NotDeployedError
@@ -24,6 +30,9 @@ T = TypeVar("T")
 _loop: asyncio.AbstractEventLoop | None = None
 _loop_lock = threading.Lock()
 _handles: dict[str, Any] = {}
+_outstanding: collections.Counter[str] = collections.Counter()
+_publishers: dict[int, asyncio.Task] = {}
+_CALLER = f"{socket.gethostname()}-{os.getpid()}"
 
 
 def client_loop() -> asyncio.AbstractEventLoop:
@@ -96,33 +105,64 @@ def _ray_errors() -> tuple[type[BaseException], ...]:
     return (RayError, RayServeException)
 
 
+async def _publish_outstanding() -> None:
+    """Every second, this process's outstanding requests per deployment, for the cards' "queued"."""
+    sent: dict[str, int] = {}
+    while True:
+        await asyncio.sleep(1.0)
+        now = dict(_outstanding)
+        due = {name: count for name, count in now.items() if count or sent.get(name)}
+        if due:
+            try:
+                await asyncio.to_thread(metrics.publish_outstanding, _CALLER, due)
+            except Exception as exc:  # noqa: BLE001 - figures are best effort; chats must go on
+                logging.getLogger(__name__).debug("could not publish outstanding requests: %s", exc)
+        sent = now
+
+
+@contextlib.contextmanager
+def _counted(name: str):
+    """Count a request as outstanding while it is queued or answered (started once per loop)."""
+    loop = asyncio.get_running_loop()
+    if id(loop) not in _publishers:
+        _publishers[id(loop)] = loop.create_task(_publish_outstanding())
+    _outstanding[name] += 1
+    try:
+        yield
+    finally:
+        _outstanding[name] -= 1
+
+
 async def astream(name: str, messages: Messages | str, gen: GenParams | None = None) -> AsyncIterator[Delta]:
     """Stream deltas; must run on the client loop (see `run_on_client_loop`) or a replica's.
 
     `messages` is a conversation, or a str: a raw prompt to continue.
     """
     handle = _handle(name)
-    try:
-        async for delta in handle.options(stream=True).chat.remote(messages, gen or GenParams()):
-            yield delta
-    except _ray_errors() as exc:
-        raise _unwrap(name, exc) from None
+    with _counted(name):
+        try:
+            async for delta in handle.options(stream=True).chat.remote(messages, gen or GenParams()):
+                yield delta
+        except _ray_errors() as exc:
+            raise _unwrap(name, exc) from None
 
 
 async def acomplete(name: str, messages: Messages | str, gen: GenParams | None = None) -> list[Delta]:
     """The whole answer as deltas, in one round trip; must run on the client loop."""
-    try:
-        return await _handle(name).complete.remote(messages, gen or GenParams())
-    except _ray_errors() as exc:
-        raise _unwrap(name, exc) from None
+    with _counted(name):
+        try:
+            return await _handle(name).complete.remote(messages, gen or GenParams())
+        except _ray_errors() as exc:
+            raise _unwrap(name, exc) from None
 
 
 async def aembed(name: str, texts: list[str]) -> Embeddings:
     """Vectors for texts from an embedding deployment; must run on the client loop."""
-    try:
-        return await _handle(name).embed.remote(list(texts))
-    except _ray_errors() as exc:
-        raise _unwrap(name, exc) from None
+    with _counted(name):
+        try:
+            return await _handle(name).embed.remote(list(texts))
+        except _ray_errors() as exc:
+            raise _unwrap(name, exc) from None
 
 
 def embed(name: str, texts: str | list[str]) -> list[list[float]]:

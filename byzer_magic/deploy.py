@@ -120,7 +120,7 @@ def status(name: str, *, ray_address: str | None = None, with_metrics: bool = Fa
     if not with_metrics or found.state == "stopped":
         return found
     replicas = [r.get("replica_id", "") for r in _ours(app).get("replicas", []) if r.get("state") == "RUNNING"]
-    return replace(found, metrics=metrics.combine(metrics.read(name, replicas)))
+    return replace(found, metrics=metrics.combine(metrics.read(name, replicas), metrics.read_outstanding(name)))
 
 
 def list_deployments(*, ray_address: str | None = None) -> StatusTable:

@@ -4,8 +4,10 @@ A worker keeps a `RequestLog` and, on each of Serve's health checks (every
 2 s), writes its summary to Ray's GCS key-value store under its replica id.
 Any process on the cluster reads them back for the replicas that are alive,
 so a card in a new kernel shows what the workers did before it started.
-The queue itself lives in each caller's Serve router, so "queued" is what
-no worker could see; the cards show requests in flight against the limit.
+The queue itself lives in each caller's Serve router, where no worker sees
+it; so each caller (a kernel, the OpenAI endpoint) also publishes how many
+requests it has outstanding per deployment, and "queued" is what callers
+have outstanding beyond what the workers hold in flight.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from collections import deque
 from typing import Any, Iterable
 
 WINDOW_S = 60.0
+CALLER_FRESH_S = 5.0
+"""A caller's count older than this is from a caller that went away."""
 _NAMESPACE = "byzer_magic"
 
 
@@ -92,16 +96,48 @@ def read(app: str, replicas: Iterable[str]) -> list[dict[str, Any]]:
     return found
 
 
-def combine(summaries: list[dict[str, Any]]) -> dict[str, Any]:
-    """One deployment's figures from its workers' summaries."""
+def _caller_key(app: str, caller: str) -> str:
+    return f"callers/{app}/{caller}"
+
+
+def publish_outstanding(caller: str, counts: dict[str, int]) -> None:
+    """A caller's requests sent and not yet answered, per deployment; a count of 0 removes its key."""
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+
+    for app, count in counts.items():
+        if count > 0:
+            value = json.dumps({"outstanding": count, "at": time.time()})
+            _internal_kv_put(_caller_key(app, caller), value, overwrite=True, namespace=_NAMESPACE)
+        else:
+            _internal_kv_del(_caller_key(app, caller), namespace=_NAMESPACE)
+
+
+def read_outstanding(app: str) -> int:
+    """Requests every live caller has outstanding to one deployment, in workers or in its queue."""
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_list
+
+    total, now = 0, time.time()
+    for key in _internal_kv_list(_caller_key(app, ""), namespace=_NAMESPACE):
+        raw = _internal_kv_get(key, namespace=_NAMESPACE)
+        if raw:
+            entry = json.loads(raw)
+            if now - entry.get("at", 0) < CALLER_FRESH_S:
+                total += int(entry.get("outstanding", 0))
+    return total
+
+
+def combine(summaries: list[dict[str, Any]], outstanding: int = 0) -> dict[str, Any]:
+    """One deployment's figures from its workers' summaries and its callers' outstanding requests."""
     if not summaries:
         return {}
+    in_flight = sum(s.get("in_flight", 0) for s in summaries)
     latencies = [x for s in summaries for x in s.get("minute_latencies", [])]
     errors = [s["last_error"] for s in summaries if s.get("last_error")]
     return {
         "served": sum(s.get("served", 0) for s in summaries),
         "errors": sum(s.get("errors", 0) for s in summaries),
-        "in_flight": sum(s.get("in_flight", 0) for s in summaries),
+        "in_flight": in_flight,
+        "queued": max(0, outstanding - in_flight),
         "tokens_per_s": sum(s.get("minute_tokens", 0) for s in summaries) / WINDOW_S,
         "median_latency_s": statistics.median(latencies) if latencies else None,
         "last_error": errors[-1] if errors else "",

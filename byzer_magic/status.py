@@ -22,12 +22,13 @@ class DeploymentStatus:
     """Serve's state of each worker, and `metrics.combine` of their request figures."""
 
     def activity(self) -> str:
-        """Requests at a glance: served, in flight, tokens/s and median latency over the last minute."""
+        """Requests at a glance: served, in flight, queued, tokens/s and median latency over the last minute."""
         m = self.metrics
         if not m:
             return "no requests yet"
         limit = int(self.details.get("worker_concurrency") or 1) * max(self.workers_ready, 1)
-        parts = [f"{m['served']} served", f"{m['in_flight']} in flight (of {limit})", f"{m['errors']} failed"]
+        parts = [f"{m['served']} served", f"{m['in_flight']} in flight (of {limit})", f"{m.get('queued', 0)} queued",
+                 f"{m['errors']} failed"]
         if m.get("median_latency_s") is not None:
             parts.append(f"last minute: {m['tokens_per_s']:.1f} tokens/s, median {m['median_latency_s'] * 1e3:.0f} ms")
         return ", ".join(parts)

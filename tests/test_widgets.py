@@ -100,3 +100,30 @@ def test_the_card_counts_requests_tokens_latency_and_the_last_error(ray_head, cl
     finally:
         card.close()
         deploy.undeploy("metered")
+
+
+def test_the_card_counts_requests_queued_in_callers(ray_head, clean_server):
+    """One worker that takes one request at a time, six callers: five wait in Serve's queue, and the card says so."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from byzer_magic import chat
+    from byzer_magic.backends.base import GenParams
+
+    deploy.deploy(saas_spec(clean_server, "queueing", 1))
+    clean_server.control(delay=1.5)
+    card = StatusCard(deploy.status("queueing"), fetch=lambda n: deploy.status(n, with_metrics=True), interval=0.2)
+    card.start_updates()
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            answers = [pool.submit(chat.chat, "queueing", f"q{i}", GenParams(max_tokens=2)) for i in range(6)]
+            wait_until(lambda: card.status.metrics.get("queued", 0) >= 3, 20, "queued requests on the card")
+            assert card.status.metrics["in_flight"] == 1
+            assert "queued" in card_state(card)
+            for answer in answers:
+                answer.result(60)
+        wait_until(lambda: card.status.metrics.get("queued") == 0 and card.status.metrics.get("served") == 6,
+                   20, "the queue to drain on the card")
+    finally:
+        card.close()
+        clean_server.control(delay=0)
+        deploy.undeploy("queueing")
