@@ -134,9 +134,14 @@ def _unknown_flag_message(token: str, names: Iterable[str] = FLAG_HELP) -> str:
             f"unexpected word {token!r}: every value must follow a flag "
             f"(is a flag missing before it, or a space inside a value that needs quotes?)"
         )
-    close = difflib.get_close_matches(flag.replace("-", "_").lstrip("_"), [v[2:] for v in valid], n=1)
-    hint = f" Did you mean --{close[0]}?" if close else ""
+    hint = did_you_mean(flag.replace("-", "_").lstrip("_"), [v[2:] for v in valid], prefix="--")
     return f"unknown flag {flag}.{hint} Valid flags: {', '.join(valid)}."
+
+
+def did_you_mean(word: str, choices: Iterable[str], *, prefix: str = "") -> str:
+    """' Did you mean X?' naming the closest choice, or '' when none is close: every misspelling gets one."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" Did you mean {prefix}{close[0]}?" if close else ""
 
 
 def _read_yaml(path: str, env: Mapping[str, str]) -> Flags:
@@ -159,8 +164,7 @@ def _read_yaml(path: str, env: Mapping[str, str]) -> Flags:
         elif key in FLAG_HELP and key != "file":
             flags.values[key] = _expand(value, env, where) if isinstance(value, str) else value
         else:
-            close = difflib.get_close_matches(key, list(FLAG_HELP), n=1)
-            hint = f" Did you mean {close[0]}?" if close else ""
+            hint = did_you_mean(key, list(FLAG_HELP))
             raise SpecError(f"--file {path}: unknown key {key!r}.{hint} Valid keys: {', '.join(FLAG_HELP)}.")
     return flags
 

@@ -11,16 +11,25 @@ have outstanding beyond what the workers hold in flight.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import time
 from collections import deque
-from typing import Any, Iterable
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
 
 WINDOW_S = 60.0
 CALLER_FRESH_S = 5.0
 """A caller's count older than this is from a caller that went away."""
 _NAMESPACE = "byzer_magic"
+
+
+@dataclass
+class Tally:
+    """Tokens one request produced, filled in while it runs."""
+
+    tokens: int = 0
 
 
 class RequestLog:
@@ -34,12 +43,26 @@ class RequestLog:
         self.last_error = ""
         self._recent: deque[tuple[float, float, int]] = deque()
 
-    def started(self) -> float:
+    @contextlib.contextmanager
+    def request(self) -> Iterator[Tally]:
+        """Count one request from start to end; the caller adds its tokens to the tally as they go.
+
+        An exception is a failed request; a stream closed early (GeneratorExit,
+        cancellation) is not an error and counts as served.
+        """
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
-        return time.monotonic()
+        since, tally = time.monotonic(), Tally()
+        error: BaseException | None = None
+        try:
+            yield tally
+        except Exception as exc:
+            error = exc
+            raise
+        finally:
+            self._finished(since, tally.tokens, error)
 
-    def finished(self, since: float, tokens: int, error: BaseException | None = None) -> None:
+    def _finished(self, since: float, tokens: int, error: BaseException | None) -> None:
         self.in_flight -= 1
         now = time.monotonic()
         if error is None:

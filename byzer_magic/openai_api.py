@@ -339,6 +339,12 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None) -> Any
         known = f"deployed now: {', '.join(names)}" if names else "nothing is deployed"
         return ApiError(404, f"no deployment named {model!r} ({known})", "invalid_request_error", "model", "model_not_found")
 
+    async def _refused_request(model: str, route: str, started: float, exc: Exception) -> Response:
+        """A request the deployment refused, as OpenAI's error (a 404 listing the deployed names), counted."""
+        error = _unknown(model, await deployments.models()) if isinstance(exc, NotDeployedError) else _api_error(exc)
+        metrics.observe(model, route, error.status, started, [], error)
+        return error.response()
+
     async def answer(route: str, body: _Generation, request: Messages | str, make: Callable, chunk: Callable) -> Response:
         started = time.perf_counter()
         gen = body.gen()
@@ -350,12 +356,7 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None) -> Any
             stream = deployments.stream(body.model, request, gen)
             first = await anext(stream, None)
         except Exception as exc:
-            if isinstance(exc, NotDeployedError):
-                error = _unknown(body.model, await deployments.models())
-            else:
-                error = _api_error(exc)
-            metrics.observe(body.model, route, error.status, started, [], error)
-            return error.response()
+            return await _refused_request(body.model, route, started, exc)
         return StreamingResponse(
             _events(route, body, stream, first, chunk, started), media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -443,12 +444,7 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None) -> Any
         try:
             found = await deployments.embed(body.model, texts)
         except Exception as exc:
-            if isinstance(exc, NotDeployedError):
-                error = _unknown(body.model, await deployments.models())
-            else:
-                error = _api_error(exc)
-            metrics.observe(body.model, "embeddings", error.status, started, [], error)
-            return error.response()
+            return await _refused_request(body.model, "embeddings", started, exc)
         data = [
             Embedding.model_construct(object="embedding", index=i, embedding=_encode(vector, body.encoding_format))
             for i, vector in enumerate(found.vectors)

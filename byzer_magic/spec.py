@@ -18,7 +18,7 @@ from .backends import BACKENDS, EMBEDDING_TYPES, LOCAL_BACKENDS, BackendInfo
 from .backends.base import BackendSettings
 from .backends.providers import PROVIDER_BASE_URLS
 from .errors import SpecError, redact
-from .flags import Flags, read_flags, secrets_in, secrets_in_env, split_cell
+from .flags import Flags, did_you_mean, read_flags, secrets_in, secrets_in_env, split_cell
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_WORKERS = 256
@@ -235,14 +235,12 @@ def _backend_for(model_type: str, infer_backend: str | None) -> tuple[str, str |
     known = ", ".join(f"saas/{p}" for p in PROVIDER_BASE_URLS)
     local = ", ".join(LOCAL_BACKENDS)
     if infer_backend is not None and infer_backend not in LOCAL_BACKENDS:
-        close = difflib.get_close_matches(str(infer_backend), LOCAL_BACKENDS, n=1)
-        hint = f" Did you mean {close[0]}?" if close else ""
+        hint = did_you_mean(str(infer_backend), LOCAL_BACKENDS)
         raise SpecError(f"--infer_backend {infer_backend!r} is not a backend.{hint} Valid: {local}")
     if model_type.startswith("saas/"):
         provider = model_type[5:]
         if provider not in PROVIDER_BASE_URLS:
-            close = difflib.get_close_matches(provider, list(PROVIDER_BASE_URLS), n=1)
-            hint = f" Did you mean saas/{close[0]}?" if close else ""
+            hint = did_you_mean(provider, list(PROVIDER_BASE_URLS), prefix="saas/")
             raise SpecError(
                 f"--pretrained_model_type {model_type}: unknown provider.{hint} Known: {known}; "
                 f"any OpenAI-compatible endpoint works as saas/openai with saas.base_url=..."
@@ -287,8 +285,7 @@ def _settings(info: BackendInfo, model_type: str, raw: dict[str, Any]) -> Backen
             values[bare] = _open_value(key, open_keys[bare], value)
             continue
         names = valid + [f"{info.prefix}{k}" for k in (open_keys or {})]
-        close = difflib.get_close_matches(key, names, n=1)
-        hint = f" Did you mean {close[0]}?" if close else ""
+        hint = did_you_mean(key, names)
         more = ""
         if open_keys is None:
             more = f" ({info.library} is not installed here, so its other arguments cannot be checked.)"

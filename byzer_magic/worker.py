@@ -53,18 +53,15 @@ class Worker:
         (finish reason, usage) is folded into one last message, since each
         message costs a hop.
         """
-        since = self._log.started()
         tail: Delta | None = None
-        tokens = 0
-        failure: BaseException | None = None
-        try:
+        with self._log.request() as tally:
             if isinstance(messages, str):
                 answer = self._backend.generate(messages, gen)
             else:
                 answer = self._backend.chat(messages, gen)
             async for delta in answer:
                 if delta.text:
-                    tokens += len(delta.token_ids) or 1
+                    tally.tokens += len(delta.token_ids) or 1
                     if tail is not None:
                         yield tail
                         tail = None
@@ -72,13 +69,8 @@ class Worker:
                 else:
                     tail = _merge(tail, delta)
             if tail is not None:
-                tokens = (tail.usage or {}).get("completion_tokens", tokens)
+                tally.tokens = (tail.usage or {}).get("completion_tokens", tally.tokens)
                 yield tail
-        except Exception as exc:
-            failure = exc
-            raise
-        finally:
-            self._log.finished(since, tokens, failure)
 
     async def complete(self, messages: Messages | str, gen: GenParams) -> list[Delta]:
         """The whole answer in one reply, for callers that do not stream."""
@@ -92,15 +84,8 @@ class Worker:
                 f"{self._spec.name!r} is a chat model ({self._spec.backend}); it does not embed text: deploy an "
                 f"embedding model type (e.g. --pretrained_model_type custom/bge) for embeddings"
             )
-        since = self._log.started()
-        failure: BaseException | None = None
-        try:
+        with self._log.request():
             return await embed([str(text) for text in texts])
-        except Exception as exc:
-            failure = exc
-            raise
-        finally:
-            self._log.finished(since, 0, failure)
 
     def stats(self) -> dict[str, Any]:
         return {**self._backend.stats(), **self._log.summary(), "pid": os.getpid()}

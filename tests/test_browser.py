@@ -7,6 +7,7 @@ tests/artifacts/ (ignored by git).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -107,45 +109,53 @@ def run_quickstart_until(page, url: str, magic: str) -> None:
         time.sleep(0.3)
 
 
-def test_quickstart_in_a_real_browser_plus_then_stop(lab):
+@contextlib.contextmanager
+def quickstart_page(width: int, height: int) -> Iterator:
+    """A headless Chromium page; afterwards the browser is closed and the quickstart's deployment is gone."""
     from playwright.sync_api import expect, sync_playwright
 
     expect.set_options(timeout=60_000)
-
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page = browser.new_page(viewport={"width": width, "height": height})
             page.set_default_timeout(120_000)
-            run_quickstart_until(page, f"{lab}/lab/tree/01_quickstart.ipynb?token={TOKEN}", "%byzer_chat")
-            chat_cell = page.locator(".jp-CodeCell", has_text="%byzer_chat").first
-            card = page.locator(".widget-vbox", has=page.locator("button", has_text="Stop")).first
-            expect(card).to_contain_text("2 ready / 2 wanted", timeout=180_000)
-            expect(card.locator(".widget-html").first).to_contain_text("ready", timeout=60_000)
-            expect(chat_cell.locator(".jp-OutputArea-output").first).not_to_be_empty(timeout=120_000)
-            card.scroll_into_view_if_needed()
-            card.screenshot(path=str(ARTIFACTS / "card_ready.png"))
-
-            clicked = time.monotonic()
-            card.locator("button", has_text="+").click()
-            wait_until(lambda: deploy.status("tiny_chat").workers_ready == 3, 120, "a third worker")
-            expect(card).to_contain_text("3 ready / 3 wanted", timeout=60_000)
-            print(f"\n+ clicked -> third worker ready on the card: {time.monotonic() - clicked:.1f} s")
-            card.screenshot(path=str(ARTIFACTS / "card_scaled.png"))
-            assert len(alive_replicas("tiny_chat")) == 3
-
-            card.locator("button", has_text="Stop").click()
-            expect(card).to_contain_text("stopped", timeout=120_000)
-            card.screenshot(path=str(ARTIFACTS / "card_stopped.png"))
-            assert deploy.status("tiny_chat").state == "stopped"
-            wait_until(lambda: alive_replicas("tiny_chat") == [], 60, "the workers to go")
-            for button in ("+", "-", "Stop"):
-                expect(card.locator("button", has_text=button).first).to_be_disabled()
+            yield page
         finally:
             browser.close()
             if deploy.status("tiny_chat").state != "stopped":
                 deploy.undeploy("tiny_chat")
+
+
+def test_quickstart_in_a_real_browser_plus_then_stop(lab):
+    from playwright.sync_api import expect
+
+    with quickstart_page(1400, 1000) as page:
+        run_quickstart_until(page, f"{lab}/lab/tree/01_quickstart.ipynb?token={TOKEN}", "%byzer_chat")
+        chat_cell = page.locator(".jp-CodeCell", has_text="%byzer_chat").first
+        card = page.locator(".widget-vbox", has=page.locator("button", has_text="Stop")).first
+        expect(card).to_contain_text("2 ready / 2 wanted", timeout=180_000)
+        expect(card.locator(".widget-html").first).to_contain_text("ready", timeout=60_000)
+        expect(chat_cell.locator(".jp-OutputArea-output").first).not_to_be_empty(timeout=120_000)
+        card.scroll_into_view_if_needed()
+        card.screenshot(path=str(ARTIFACTS / "card_ready.png"))
+
+        clicked = time.monotonic()
+        card.locator("button", has_text="+").click()
+        wait_until(lambda: deploy.status("tiny_chat").workers_ready == 3, 120, "a third worker")
+        expect(card).to_contain_text("3 ready / 3 wanted", timeout=60_000)
+        print(f"\n+ clicked -> third worker ready on the card: {time.monotonic() - clicked:.1f} s")
+        card.screenshot(path=str(ARTIFACTS / "card_scaled.png"))
+        assert len(alive_replicas("tiny_chat")) == 3
+
+        card.locator("button", has_text="Stop").click()
+        expect(card).to_contain_text("stopped", timeout=120_000)
+        card.screenshot(path=str(ARTIFACTS / "card_stopped.png"))
+        assert deploy.status("tiny_chat").state == "stopped"
+        wait_until(lambda: alive_replicas("tiny_chat") == [], 60, "the workers to go")
+        for button in ("+", "-", "Stop"):
+            expect(card.locator("button", has_text=button).first).to_be_disabled()
 
 
 def _luminance(css: str) -> float:
@@ -160,32 +170,22 @@ def test_the_card_in_classic_notebook_7_with_the_dark_theme(notebook7_dark):
     Readable is WCAG's contrast against the notebook's background: 4.5 for
     text, 3 for the coloured state (large, bold text's threshold).
     """
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    expect.set_options(timeout=60_000)
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.set_default_timeout(120_000)
-            run_quickstart_until(page, f"{notebook7_dark}/notebooks/01_quickstart.ipynb?token={TOKEN}", "%%byzer_deploy")
-            assert page.locator("body").get_attribute("data-jp-theme-light") == "false", "the dark theme is not on"
-            card = page.locator(".widget-vbox", has=page.locator("button", has_text="Stop")).first
-            expect(card).to_contain_text("2 ready / 2 wanted", timeout=180_000)
-            card.scroll_into_view_if_needed()
-            card.screenshot(path=str(ARTIFACTS / "card_notebook7_dark.png"))
-            background = page.locator(".jp-Notebook").first.evaluate("e => getComputedStyle(e).backgroundColor")
-            for what, element, least in (("text", card.locator(".widget-html").nth(1), 4.5),
-                                         ("state", card.locator("span", has_text="ready").first, 3.0)):
-                color = element.evaluate("e => getComputedStyle(e).color")
-                light, dark = sorted((_luminance(color), _luminance(background)), reverse=True)
-                contrast = (light + 0.05) / (dark + 0.05)
-                assert contrast >= least, f"card {what} {color} on {background}: contrast {contrast:.1f}"
-            card.locator("button", has_text="Stop").click()
-            expect(card).to_contain_text("stopped", timeout=120_000)
-            assert deploy.status("tiny_chat").state == "stopped"
-        finally:
-            browser.close()
-            if deploy.status("tiny_chat").state != "stopped":
-                deploy.undeploy("tiny_chat")
+    with quickstart_page(1200, 900) as page:
+        run_quickstart_until(page, f"{notebook7_dark}/notebooks/01_quickstart.ipynb?token={TOKEN}", "%%byzer_deploy")
+        assert page.locator("body").get_attribute("data-jp-theme-light") == "false", "the dark theme is not on"
+        card = page.locator(".widget-vbox", has=page.locator("button", has_text="Stop")).first
+        expect(card).to_contain_text("2 ready / 2 wanted", timeout=180_000)
+        card.scroll_into_view_if_needed()
+        card.screenshot(path=str(ARTIFACTS / "card_notebook7_dark.png"))
+        background = page.locator(".jp-Notebook").first.evaluate("e => getComputedStyle(e).backgroundColor")
+        for what, element, least in (("text", card.locator(".widget-html").nth(1), 4.5),
+                                     ("state", card.locator("span", has_text="ready").first, 3.0)):
+            color = element.evaluate("e => getComputedStyle(e).color")
+            light, dark = sorted((_luminance(color), _luminance(background)), reverse=True)
+            contrast = (light + 0.05) / (dark + 0.05)
+            assert contrast >= least, f"card {what} {color} on {background}: contrast {contrast:.1f}"
+        card.locator("button", has_text="Stop").click()
+        expect(card).to_contain_text("stopped", timeout=120_000)
+        assert deploy.status("tiny_chat").state == "stopped"
