@@ -14,7 +14,7 @@ from typing import Any, Callable
 from . import metrics
 from .cluster import connect, worker_runtime_env
 from .errors import DeployError, NotDeployedError, redact
-from .spec import DeploySpec
+from .spec import MAX_WORKERS, DeploySpec
 from .status import DeploymentStatus, StatusTable
 from .worker import WORKER_NAME, Worker
 
@@ -145,6 +145,27 @@ def require(name: str, *, ray_address: str | None = None, with_metrics: bool = F
     return current
 
 
+def worker_options(spec: DeploySpec) -> dict[str, Any]:
+    """Serve's deployment options for the spec's workers: replicas, resources, concurrency, health checks."""
+    return dict(
+        num_replicas=spec.num_workers,
+        max_ongoing_requests=spec.worker_concurrency,
+        max_queued_requests=-1,
+        ray_actor_options={
+            "num_cpus": spec.cpus_per_worker,
+            "num_gpus": spec.gpus_per_worker,
+            "runtime_env": worker_runtime_env(),
+        },
+        user_config={**spec.describe(), "deployed_at": int(time.time())},
+        max_constructor_retry_count=1,
+        graceful_shutdown_timeout_s=30,
+        graceful_shutdown_wait_loop_s=0.2,
+        health_check_period_s=2,
+        health_check_timeout_s=10,
+        request_router_config={"initial_backoff_s": 0.002, "max_backoff_s": 0.02},
+    )
+
+
 def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> DeploymentStatus:
     """Start `spec.num_workers` workers and wait until all are ready.
 
@@ -169,23 +190,7 @@ def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> Deployme
         serve.delete(spec.name)
     _check_resources(spec.num_workers, spec.cpus_per_worker, spec.gpus_per_worker)
 
-    app = serve.deployment(Worker, name=WORKER_NAME).options(
-        num_replicas=spec.num_workers,
-        max_ongoing_requests=spec.worker_concurrency,
-        max_queued_requests=-1,
-        ray_actor_options={
-            "num_cpus": spec.cpus_per_worker,
-            "num_gpus": spec.gpus_per_worker,
-            "runtime_env": worker_runtime_env(),
-        },
-        user_config={**spec.describe(), "deployed_at": int(time.time())},
-        max_constructor_retry_count=1,
-        graceful_shutdown_timeout_s=30,
-        graceful_shutdown_wait_loop_s=0.2,
-        health_check_period_s=2,
-        health_check_timeout_s=10,
-        request_router_config={"initial_backoff_s": 0.002, "max_backoff_s": 0.02},
-    ).bind(spec)
+    app = serve.deployment(Worker, name=WORKER_NAME).options(**worker_options(spec)).bind(spec)
     deadline = time.monotonic() + spec.deploy_timeout
     try:
         _run(app, _blocking=False, name=spec.name, route_prefix=None, external_scaler_enabled=True)
@@ -206,7 +211,8 @@ def _wait(name: str, workers: int, deadline: float, on_progress: Progress | None
         last = current
         if current.state == "failed":
             raise DeployError(f"deploying {name!r} failed: {current.message}")
-        if current.state == "ready" and current.workers_ready == workers == current.workers_wanted:
+        if (current.state == "ready" and current.workers_ready == workers == current.workers_wanted
+                and len(current.workers) == workers):
             return current
         if time.monotonic() > deadline:
             raise DeployError(
@@ -229,8 +235,9 @@ def scale(
     from ray.serve._private.common import DeploymentID
     from ray.serve.context import _get_global_client
 
-    if workers < 1:
-        raise DeployError(f"cannot scale to {workers} workers: use 1 or more, or %byzer_undeploy {name} to stop it")
+    if not 0 <= workers <= MAX_WORKERS:
+        raise DeployError(f"cannot scale to {workers} workers: use 0 to {MAX_WORKERS} (0 keeps the deployment "
+                          f"but gives its CPUs and GPUs back)")
     current = require(name, ray_address=ray_address)
     extra = max(0, workers - current.workers_wanted)
     if extra:

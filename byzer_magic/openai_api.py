@@ -83,10 +83,11 @@ class _Generation(_Lenient):
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=1, description="only one choice per request")
+    ignore_eos: bool = Field(default=False, description="vLLM's extension: generate max_tokens regardless of EOS")
 
     def gen(self) -> GenParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return GenParams(self.temperature, self._max_tokens(), self.top_p, self.seed, tuple(stop))
+        return GenParams(self.temperature, self._max_tokens(), self.top_p, self.seed, tuple(stop), self.ignore_eos)
 
     def _max_tokens(self) -> int | None:
         return self.max_tokens

@@ -189,10 +189,10 @@ def _build(flags: Flags) -> DeploySpec:
         raise SpecError(f"--cpus_per_worker must be 0 or more, got {cpus:g}")
     if gpus < 0:
         raise SpecError(f"--gpus_per_worker must be 0 or more, got {gpus:g}")
-    if info.whole_gpus and gpus != int(gpus):
+    if info.whole_gpus and gpus > 1 and gpus != int(gpus):
         raise SpecError(
-            f"--gpus_per_worker {gpus:g}: {backend} needs whole GPUs (it shards over them with "
-            f"tensor parallelism); use 1, 2, ... or share a GPU with backend.gpu_memory_utilization"
+            f"--gpus_per_worker {gpus:g}: above 1, {backend} needs whole GPUs (it shards over them with "
+            f"tensor parallelism); use 2, 3, ..., or a share below 1 to put several workers on one GPU"
         )
     if backend == "deepspeed" and gpus > 1:
         raise SpecError(

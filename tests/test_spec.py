@@ -100,16 +100,16 @@ vllm_installed = pytest.mark.skipif(
 @vllm_installed
 def test_any_engine_argument_of_the_installed_vllm_is_accepted_typed_and_shown():
     spec = parse_spec("--model v --infer_backend vllm --model_path /m "
-                      "--infer_params backend.kv_cache_memory_bytes=268435456 backend.max_model_len=512")
-    assert spec.params.model_extra == {"kv_cache_memory_bytes": 268435456}
-    assert spec.params.model_dump()["kv_cache_memory_bytes"] == 268435456
-    assert spec.describe()["infer_params"]["backend.kv_cache_memory_bytes"] == 268435456
+                      "--infer_params backend.max_logprobs=5 backend.max_model_len=512")
+    assert spec.params.model_extra == {"max_logprobs": 5}
+    assert spec.params.model_dump()["max_logprobs"] == 5
+    assert spec.describe()["infer_params"]["backend.max_logprobs"] == 5
 
 
 @vllm_installed
 @pytest.mark.parametrize("params,message", [
     ("backend.max_num_seqss=4", "Did you mean backend.max_num_seqs.*other .* arguments of the installed vllm"),
-    ("backend.kv_cache_memory_bytes=lots", "backend.kv_cache_memory_bytes='lots': expected"),
+    ("backend.max_logprobs=lots", "backend.max_logprobs='lots': expected"),
     ("backend.tensor_parallel_sise=2", "Did you mean backend.tensor_parallel_size"),
 ])
 def test_unknown_or_mistyped_engine_arguments_are_refused(params, message):
@@ -159,7 +159,7 @@ BAD = [
     ("--model x --pretrained_model_type custom/bge --infer_backend vllm --model_path /m",
      "embedding model: it deploys with --infer_backend transformers, not vllm"),
     ("--model x --infer_backend deepspeed --model_path /m --gpus_per_worker 2", "one process per GPU"),
-    ("--model x --infer_backend deepspeed --model_path /m --gpus_per_worker 0.5", "deepspeed needs whole GPUs"),
+    ("--model x --infer_backend deepspeed --model_path /m --gpus_per_worker 1.5", "deepspeed needs whole GPUs"),
     ("--model x --infer_backend transformers --model_path /m --infer_params device=cpu", "Did you mean backend.device"),
     ("--model x --infer_backend transformers --model_path /m --infer_params backend.dtype=fp7",
      "backend.dtype: input should be 'auto', 'float32'"),
@@ -185,7 +185,7 @@ BAD = [
     ("--model x --infer_backend llama_cpp --model_path /m.gguf --num_workers 1.5", "--num_workers must be a whole number"),
     ("--model x --infer_backend llama_cpp --model_path /m.gguf --cpus_per_worker -1", "--cpus_per_worker must be 0 or more"),
     ("--model x --infer_backend llama_cpp --model_path /m.gguf --gpus_per_worker lots", "--gpus_per_worker must be a number"),
-    ("--model x --infer_backend vllm --model_path /m --gpus_per_worker 0.5", "vllm needs whole GPUs"),
+    ("--model x --infer_backend vllm --model_path /m --gpus_per_worker 2.5", "vllm needs whole GPUs"),
     ("--model x --infer_backend llama_cpp --model_path /m.gguf --worker_concurrency 0", "--worker_concurrency must be 1"),
     ("--model 'has space' --infer_backend llama_cpp --model_path /m.gguf", "not a valid name"),
     ("--model 'x;rm -rf' --infer_backend llama_cpp --model_path /m.gguf", "not a valid name"),

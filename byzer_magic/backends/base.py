@@ -51,6 +51,8 @@ class GenParams:
     top_p: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+    """Generate max_tokens whatever the model says (vLLM's extension, for load tests); vLLM honours it."""
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ class Backend:
 
     library = "transformers"
 
-    def __init__(self, settings: Settings, *, model_path: str, gpus: int = 0, task: str = "chat", **_: Any):
+    def __init__(self, settings: Settings, *, model_path: str, gpus: float = 0, task: str = "chat", **_: Any):
         self._settings = settings
         self._model_path = model_path
         self._gpus = gpus

@@ -11,6 +11,8 @@ import dataclasses
 import functools
 import inspect
 import itertools
+import os
+import re
 from typing import Any, AsyncIterator, Mapping
 
 from pydantic import ConfigDict, Field
@@ -49,12 +51,60 @@ class Settings(BackendSettings):
     enable_prefix_caching: bool | None = Field(default=None, description="reuse KV cache across shared prefixes")
     seed: int | None = Field(default=None, description="engine seed")
     tokenizer: str | None = Field(default=None, description="tokenizer path; default: the model's")
+    load_format: str = Field(default="auto", description="how weights load: auto, safetensors, ..., dummy (random)")
+    kv_cache_memory_bytes: int | None = Field(
+        default=None, gt=0, description="KV cache size in bytes; on a CPU worker default: a quarter of free memory"
+    )
+
+
+_ERROR_LINE = re.compile(r"^(?:\([^)]*\)\s*)?(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$")
+_WRAPPERS = ("Engine core initialization failed", "Engine process failed to start")
+_CPU_KV_CAP = 4 << 30
+
+
+def _stderr_file() -> str | None:
+    """The file this process's stderr goes to, when it is one (a Ray worker's log)."""
+    try:
+        path = os.readlink("/proc/self/fd/2")
+    except OSError:
+        return None
+    return path if os.path.isfile(path) else None
+
+
+def engine_root_cause(path: str | None, since: int) -> str | None:
+    """The last error an engine process wrote to the shared stderr file after offset `since`.
+
+    vLLM's engine core runs in a child process that inherits the worker's
+    stderr; when it cannot start, the frontend only says "Engine core
+    initialization failed. See root cause above", and the cause (not enough
+    memory, a max_model_len the KV cache cannot hold, a bad dtype) is the last
+    exception line the child logged there.
+    """
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            f.seek(since)
+            text = f.read()[-400_000:].decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in reversed(text.splitlines()):
+        found = _ERROR_LINE.match(line.strip())
+        if found and not found.group(2).startswith(_WRAPPERS):
+            return f"{found.group(1)}: {found.group(2)}"
+    return None
+
+
+def _cpu_kv_cache_bytes() -> int:
+    """A KV cache that fits a CPU worker: a quarter of the memory free now, at most 4 GiB."""
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(256 << 20, min(_CPU_KV_CAP, free // 4))
 
 
 class Backend:
     """An AsyncLLM engine; Serve lets it take `worker_concurrency` requests at once."""
 
-    def __init__(self, settings: Settings, *, model_path: str, gpus: int = 0, **_: Any):
+    def __init__(self, settings: Settings, *, model_path: str, gpus: float = 0, **_: Any):
         self._settings = settings
         self._model_path = model_path
         self._gpus = gpus
@@ -69,16 +119,34 @@ class Backend:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = self._settings.model_dump(exclude_none=True)
-        if self._gpus > 1:
-            args.setdefault("tensor_parallel_size", self._gpus)
+        stderr = _stderr_file()
+        since = os.path.getsize(stderr) if stderr else 0
         try:
-            self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=self._model_path, **args))
+            self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=self._model_path, **self.engine_args()))
             tokenizer = self._engine.get_tokenizer()
             self._tokenizer = await tokenizer if inspect.isawaitable(tokenizer) else tokenizer
             self._defaults = self._engine.model_config.get_diff_sampling_param()
-        except (ValueError, RuntimeError, OSError, TypeError) as exc:
-            raise BackendError("vllm", None, f"cannot start the engine on {self._model_path}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - any failure to start fails the deploy, with its cause
+            cause = engine_root_cause(stderr, since) or f"{type(exc).__name__}: {exc}"
+            raise BackendError("vllm", None, f"cannot start the engine on {self._model_path}: {cause}") from None
+
+    def engine_args(self) -> dict[str, Any]:
+        """Engine arguments: the settings, tensor parallelism from the worker's GPUs, a KV cache that fits a CPU.
+
+        A worker given a share of a GPU (--gpus_per_worker 0.5) takes that
+        share of its memory unless backend.gpu_memory_utilization says otherwise.
+        """
+        args = self._settings.model_dump(exclude_none=True)
+        if self._gpus > 1:
+            args.setdefault("tensor_parallel_size", int(self._gpus))
+        given = self._settings.model_fields_set | set(self._settings.model_extra or {})
+        if 0 < self._gpus < 1 and "gpu_memory_utilization" not in given:
+            args["gpu_memory_utilization"] = round(0.9 * self._gpus, 3)
+        if self._gpus == 0 and not given & {"gpu_memory_utilization", "kv_cache_memory_bytes"}:
+            args["kv_cache_memory_bytes"] = _cpu_kv_cache_bytes()
+        if "kv_cache_memory_bytes" in args and "gpu_memory_utilization" not in given:
+            args.pop("gpu_memory_utilization", None)
+        return args
 
     def chat(self, messages: Messages, gen: GenParams) -> AsyncIterator[Delta]:
         prompt = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -95,6 +163,7 @@ class Backend:
             max_tokens=gen.max_tokens or 256,
             seed=gen.seed,
             stop=list(gen.stop) or None,
+            ignore_eos=gen.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
         )
         request_id = f"byzer-{next(self._ids)}"
