@@ -117,11 +117,13 @@ class Parts:
 def run_direct(args: argparse.Namespace, parts: Parts) -> None:
     import vllm
     from vllm import AsyncEngineArgs, SamplingParams
+    from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
 
     parts.put(vllm=vllm.__version__)
     started = time.perf_counter()
-    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=args.model, **args.engine))
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=args.model, **args.engine),
+                                       usage_context=UsageContext.OPENAI_API_SERVER)
     parts.put(engine_start_s=round(time.perf_counter() - started, 2))
     tokenizer = engine.get_tokenizer()
     prompts = prompt_of(args.prompt_tokens)
@@ -206,7 +208,8 @@ def run_magics(args: argparse.Namespace, parts: Parts) -> None:
     for result in asyncio.run(endpoint_levels()):
         parts.put(**{f"endpoint_level_{result['concurrency']}": result})
     parts.put(openai_client=_openai_chat("http://127.0.0.1:8011/v1", "bench-key"))
-    _scale_walk(shell, parts)
+    if not os.environ.get("SKIP_WALK"):
+        _scale_walk(shell, parts)
     _cell(shell, "%byzer_serve --stop")
     _cell(shell, f"%byzer_undeploy {NAME}")
     time.sleep(5)

@@ -117,12 +117,15 @@ class Backend:
 
     async def start(self) -> None:
         from vllm import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
         stderr = _stderr_file()
         since = os.path.getsize(stderr) if stderr else 0
         try:
-            self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=self._model_path, **self.engine_args()))
+            # The API server's defaults (larger prefill batches), as `vllm serve` has: a worker serves many callers.
+            args = AsyncEngineArgs(model=self._model_path, **self.engine_args())
+            self._engine = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
             tokenizer = self._engine.get_tokenizer()
             self._tokenizer = await tokenizer if inspect.isawaitable(tokenizer) else tokenizer
             self._defaults = self._engine.model_config.get_diff_sampling_param()
