@@ -27,7 +27,9 @@ from . import gateway
 from .backends.base import GenParams
 from .cluster import connect
 from .errors import ByzerError
-from .flags import FLAG_HELP, SERVE_HELP, read_serve_flags
+from .flags import read_serve_flags
+from .option_args import help_lines
+from .options import SERVE_DEFAULTS, DeployFlags, ServeFlags
 from .spec import parse_spec, settings_help
 from .status import DeploymentStatus
 from .widgets import StatusCard
@@ -49,7 +51,7 @@ def _friendly(method: Callable) -> Callable:
 
 
 def _deploy_doc() -> str:
-    flags = "\n".join(f"  --{name}: {text}" for name, text in FLAG_HELP.items())
+    flags = help_lines(DeployFlags)
     return f"""Deploy a model onto Ray; the cell holds `byzerllm deploy` flags.
 
 Examples::
@@ -259,22 +261,23 @@ class ByzerMagics(Magics, Configurable):
             return gateway.stop(ray_address=ray_address)
         return gateway.start(args.host, args.port, args.api_key, ray_address=ray_address)
 
-    byzer_serve.__doc__ = """Serve every deployment at one OpenAI-compatible URL, from the cluster.
+    byzer_serve.__doc__ = f"""Serve every deployment at one OpenAI-compatible URL, from the cluster.
 
 Examples::
 
-    %byzer_serve                                  # http://127.0.0.1:8000/v1
-    %byzer_serve --port 8001 --api_key ${GATEWAY_KEY}
+    %byzer_serve                                  # http://{SERVE_DEFAULTS.host}:{SERVE_DEFAULTS.port}/v1
+    %byzer_serve --port 8001 --api_key ${{GATEWAY_KEY}}
     %byzer_serve --stop
 
-Any OpenAI client then works: `OpenAI(base_url="http://127.0.0.1:8000/v1",
+Any OpenAI client then works: `OpenAI(base_url="http://{SERVE_DEFAULTS.host}:{SERVE_DEFAULTS.port}/v1",
 api_key=...)`, with `model` set to a deployment's name. Routes: /v1/models,
 /v1/chat/completions, /v1/completions, /v1/embeddings, /health, /metrics.
 The endpoint runs on the cluster, so it outlives this kernel, and it sees
 deployments added or removed later at once.
 
 Flags:
-""" + "\n".join(f"  --{name}: {text}" for name, text in SERVE_HELP.items())
+{help_lines(ServeFlags)}
+"""
 
 
 _CHAT_LINE = re.compile(r"^(\s*(?:[A-Za-z_][\w.]*\s*=\s*)?)%(byzer_chat|byzer_embed)\s+(\S+\s+\S.*?)\s*$")
