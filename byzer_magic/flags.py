@@ -165,7 +165,7 @@ def _expand(value: str, env: Mapping[str, str], where: str) -> str:
     def lookup(match: re.Match) -> str:
         name = match.group(1) or match.group(2)
         if name not in env:
-            raise SpecError(f"{where}: environment variable ${name} is not set (export it, or %env {name}=...)")
+            raise SpecError(f"{where}: environment variable ${name} is not set (set it with %env {name}=...)")
         return env[name]
 
     return _ENV_VAR.sub(lookup, value)

@@ -58,8 +58,8 @@ MAGIC_CASES = [
     ("%%byzer_chat not_deployed\n   \n", "nothing to ask"),
     ("%byzer_scale", "usage: %byzer_scale NAME WORKERS"),
     ("%byzer_scale kept -1", "usage: %byzer_scale NAME WORKERS"),
-    ("%byzer_scale kept 0", "cannot scale to 0 workers"),
-    ("%byzer_scale kept 100000", r"need 99.999 CPUs; the cluster has \d+"),
+    ("%byzer_scale kept 257", "cannot scale to 257 workers: use 0 to 256"),
+    ("%byzer_scale kept 100000", "cannot scale to 100000 workers"),
     ("%byzer_scale not_deployed 2", "no deployment named 'not_deployed'"),
     ("%byzer_undeploy", "usage: %byzer_undeploy NAME"),
     ("%byzer_undeploy not_deployed", "no deployment named 'not_deployed'.*kept"),
@@ -130,12 +130,16 @@ def test_bad_magic_input_is_one_paragraph_and_changes_nothing(shell, capfd, kept
 CLI_CASES = [
     (["deploy"], 0, "--pretrained_model_type"),
     (["deploy", "--model", "a", "--num_wokers", "2"], 2, "Did you mean --num_workers"),
-    (["deploy", "--model", "a", "--infer_backend", "llama_cpp", "--model_path", "/no/such.gguf"], 1, "no such file"),
+    (["deploy", "--model", "a", "--infer_backend", "llama_cpp", "--model_path", "/no/such.gguf"], 2, "no such file"),
+    (["deploy", "--model", "kept", *SAAS.split()], 1, "already exists.*remove it with byzer-magic undeploy kept"),
     (["deploy", "--model", "a", "--pretrained_model_type", "saas/openai", "--infer_params", "saas.api_key=$UNSET_X",
       "saas.model=m"], 2, r"\$UNSET_X is not set"),
-    (["scale", "kept", "0"], 1, "cannot scale to 0"),
+    (["scale", "kept", "-1"], 2, "cannot scale to -1 workers: use 0 to 256"),
+    (["scale", "kept", "257"], 2, "cannot scale to 257 workers: use 0 to 256"),
     (["scale", "kept", "two"], 2, "invalid int value"),
-    (["chat", "not_deployed", "hi"], 1, "no deployment named"),
+    (["chat", "not_deployed", "hi"], 1, "no deployment named.*deploy it with byzer-magic deploy, see byzer-magic list"),
+    (["chat", "kept", "--max_tokens", "0", "hi"], 2, "--max_tokens must be 1 or more, got 0"),
+    (["chat", "kept", "--temperature", "-1", "hi"], 2, "--temperature must be from 0 to 2, got -1"),
     (["undeploy", "not_deployed"], 1, "no deployment named"),
     (["stat", "not_deployed"], 1, "no deployment named"),
     (["frobnicate"], 2, "invalid choice"),
@@ -143,13 +147,15 @@ CLI_CASES = [
 
 
 @pytest.mark.parametrize("argv,code,message", CLI_CASES)
-def test_bad_cli_input_exits_with_a_clear_line(kept, ray_head, argv, code, message):
+def test_bad_cli_input_exits_with_a_clear_line(kept, ray_head, openai_server, argv, code, message):
     import re
 
+    argv = [word.format(url=openai_server.base_url) for word in argv]
     before = cluster_state()
     env = {k: v for k, v in os.environ.items() if k != "UNSET_X"}
     result = subprocess.run(["byzer-magic", *argv], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     text = result.stdout + result.stderr
     assert result.returncode == code, text
     assert re.search(message, text) and "Traceback" not in text, text
+    assert "%byzer" not in text, text
     assert cluster_state() == before

@@ -10,6 +10,7 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
 from byzer_magic.chat_line import split_chat_line
+from byzer_magic.cli import main
 from byzer_magic.errors import SpecError
 from byzer_magic.options import ChatOptions, Sampling
 
@@ -46,6 +47,13 @@ def test_the_magic_refuses_a_bad_chat_option_in_one_sentence(shell, capfd, optio
     assert f"UsageError: {message}" in text, text
 
 
+@pytest.mark.parametrize("option,message", BAD)
+def test_the_command_line_refuses_the_same_values_with_exit_2(capsys, option, message):
+    flag, value = option.split()
+    assert main(["chat", "not_deployed", flag, value, "hi"]) == 2
+    assert capsys.readouterr().err.strip() == f"byzer-magic chat: {message}"
+
+
 def test_a_bad_default_in_config_is_refused_with_the_same_range(shell, capfd):
     magics = shell.find_magic("byzer_chat").__self__
     from traitlets import TraitError
@@ -64,6 +72,15 @@ def test_the_magics_help_lists_each_option_with_its_range(shell, capfd):
     for name in ChatOptions.model_fields:
         assert f"--{name}" in text, name
     assert "(1 or more)" in text and "(from 0 to 2)" in text and "%byzer_chat my_chat What is Ray?" in text
+
+
+def test_the_command_lines_help_has_the_shell_options_only(capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["chat", "--help"])
+    assert caught.value.code == 0
+    text = capsys.readouterr().out
+    assert "--max_tokens" in text and "--temperature" in text and "(from 0 to 2)" in text
+    assert "--output" not in text and "--no_stream" not in text
 
 
 def test_the_endpoint_bounds_the_same_fields():

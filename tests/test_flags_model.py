@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from byzer_magic.flags import build_parser, build_serve_parser, read_serve_flags
 from byzer_magic.option_args import bounds, default_of, help_lines, help_text, validated
 from byzer_magic.options import SERVE_DEFAULTS, ChatOptions, DeployFlags, ServeFlags
 from byzer_magic.spec import DeploySpec, parse_args, parse_spec
+from byzer_magic.wording import SHELL_COMMANDS, for_shell
 
 LLAMA = "--model x --infer_backend llama_cpp --model_path /m.gguf"
 PACKAGE = Path(__file__).resolve().parent.parent / "byzer_magic"
@@ -121,3 +123,21 @@ def test_the_serve_key_is_read_from_the_environment():
 
 def test_validated_treats_none_as_not_given():
     assert validated(ChatOptions, {"max_tokens": None, "temperature": "0.5"}).temperature == 0.5
+
+
+def test_the_shell_names_its_own_commands():
+    assert for_shell("remove it with %byzer_undeploy kept, or add --force") == \
+        "remove it with byzer-magic undeploy kept, or add --force"
+    assert for_shell("deploy it with %%byzer_deploy, see %byzer_list") == \
+        "deploy it with byzer-magic deploy, see byzer-magic list"
+    assert for_shell("%byzer_status x and %byzer_serve --stop") == "byzer-magic stat x and byzer-magic serve --stop"
+    assert for_shell("(set it with %env KEY=...)") == "(set it with export KEY=...)"
+    kept = "`ray start --head` starts one, %%byzer_deploy in a notebook starts one in its kernel"
+    assert for_shell(kept) == kept
+
+
+def test_every_magic_a_message_mentions_has_a_shell_command():
+    mentioned = set()
+    for path in PACKAGE.rglob("*.py"):
+        mentioned |= set(re.findall(r"%%?byzer_(\w+)", path.read_text()))
+    assert mentioned - set(SHELL_COMMANDS) == set()
