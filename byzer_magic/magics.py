@@ -129,7 +129,8 @@ class ByzerMagics(Magics, Configurable):
         started = time.monotonic()
         if not self._in_notebook():
             result = deploy_api.deploy(spec, on_progress=self._progress)
-            print(f"{spec.name} ready in {time.monotonic() - started:.1f} s: chat with %byzer_chat {spec.name} ...")
+            use = f"embed with %byzer_embed {spec.name} TEXT" if spec.task == "embed" else f"chat with %byzer_chat {spec.name} ..."
+            print(f"{spec.name} ready in {time.monotonic() - started:.1f} s: {use}")
             return result
         card = self._card(DeploymentStatus(spec.name, "deploying", 0, spec.num_workers, "", spec.describe()))
         display(card)

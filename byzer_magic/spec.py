@@ -165,16 +165,17 @@ def _check_model_path(backend: str, model_path: str | None) -> None:
 
 
 def _check_gpus(backend: str, gpus: float) -> None:
-    if BACKENDS[backend].whole_gpus and gpus > 1 and gpus != int(gpus):
-        raise SpecError(
-            f"--gpus_per_worker {gpus:g}: above 1, {backend} needs whole GPUs (it shards over them with "
-            f"tensor parallelism); use 2, 3, ..., or a share below 1 to put several workers on one GPU"
-        )
+    """Deepspeed's limit first: its worker never shards, so the tensor-parallel advice would not be so."""
     if backend == "deepspeed" and gpus > 1:
         raise SpecError(
             f"--gpus_per_worker {gpus:g}: a deepspeed worker is one process on one GPU, and DeepSpeed's tensor "
             f"parallelism needs one process per GPU; use --gpus_per_worker 1 with more --num_workers, or "
             f"--infer_backend vllm, which shards one model over several GPUs"
+        )
+    if BACKENDS[backend].whole_gpus and gpus > 1 and gpus != int(gpus):
+        raise SpecError(
+            f"--gpus_per_worker {gpus:g}: above 1, {backend} needs whole GPUs (it shards over them with "
+            f"tensor parallelism); use 2, 3, ..., or a share below 1 to put several workers on one GPU"
         )
 
 

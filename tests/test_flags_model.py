@@ -12,6 +12,7 @@ from byzer_magic.flags import build_parser, build_serve_parser, read_serve_flags
 from byzer_magic.option_args import bounds, default_of, help_lines, help_text, validated
 from byzer_magic.options import SERVE_DEFAULTS, ChatOptions, DeployFlags, ServeFlags
 from byzer_magic.spec import DeploySpec, parse_args, parse_spec
+from byzer_magic.status import DeploymentStatus
 from byzer_magic.wording import SHELL_COMMANDS, for_shell
 
 LLAMA = "--model x --infer_backend llama_cpp --model_path /m.gguf"
@@ -105,6 +106,14 @@ def test_a_missing_model_says_what_it_is_with_an_example():
         parse_spec("--infer_backend llama_cpp --model_path /m.gguf")
 
 
+def test_deepspeed_is_not_told_to_shard_over_gpus_it_cannot_use():
+    with pytest.raises(SpecError) as caught:
+        parse_spec("--model x --infer_backend deepspeed --model_path /m --gpus_per_worker 1.5")
+    assert "one process per GPU" in str(caught.value)
+    assert "use 2, 3" not in str(caught.value) and "gpu_memory_utilization" not in str(caught.value)
+    assert parse_spec("--model x --infer_backend deepspeed --model_path /m --gpus_per_worker 0.5").gpus_per_worker == 0.5
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--port", "0"], "--port must be from 1 to 65535, got 0"),
     (["--port", "http"], "--port must be a whole number from 1 to 65535, got 'http'"),
@@ -141,3 +150,10 @@ def test_every_magic_a_message_mentions_has_a_shell_command():
     for path in PACKAGE.rglob("*.py"):
         mentioned |= set(re.findall(r"%%?byzer_(\w+)", path.read_text()))
     assert mentioned - set(SHELL_COMMANDS) == set()
+
+
+def test_a_status_without_figures_claims_none():
+    scaled = DeploymentStatus("c", "ready", 3, 3, details={"backend": "saas", "model": "m"})
+    assert "requests" not in repr(scaled)
+    read = DeploymentStatus("c", "ready", 1, 1, metrics={"served": 4, "errors": 0, "in_flight": 0})
+    assert "requests: 4 served" in repr(read)

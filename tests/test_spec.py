@@ -160,7 +160,7 @@ BAD = [
     ("--model x --pretrained_model_type custom/bge --infer_backend vllm --model_path /m",
      "embedding model: it deploys with --infer_backend transformers, not vllm"),
     ("--model x --infer_backend deepspeed --model_path /m --gpus_per_worker 2", "one process per GPU"),
-    ("--model x --infer_backend deepspeed --model_path /m --gpus_per_worker 1.5", "deepspeed needs whole GPUs"),
+    ("--model x --infer_backend deepspeed --model_path /m --gpus_per_worker 1.5", "one process per GPU"),
     ("--model x --infer_backend transformers --model_path /m --infer_params device=cpu", "Did you mean backend.device"),
     ("--model x --infer_backend transformers --model_path /m --infer_params backend.dtype=fp7",
      "backend.dtype: input should be 'auto', 'float32'"),
