@@ -84,6 +84,10 @@ def test_help_and_refusals_import_no_ray():
                  run(["chat", "c", "--max_tokens", "0", "hi"]),
                  run(["deploy", "--model", "a", "--num_workers", "0"]), run(["serve", "--port", "0"])]
         print("CODES", codes, "RAY", "ray" in sys.modules, "TORCH", "torch" in sys.modules, file=sys.stderr)
+        import jsonschema  # what Ray imports; it must work without its optional IRI checker
+
+        print("IRI", sys.modules["rfc3987_syntax"], file=sys.stderr)
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert "CODES [0, 0, 0, 0, 2, 2, 2] RAY False TORCH False" in result.stderr, result.stderr
+    assert "IRI None" in result.stderr, result.stderr
