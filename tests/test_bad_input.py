@@ -9,7 +9,6 @@ import os
 import subprocess
 
 import pytest
-from IPython.core.interactiveshell import InteractiveShell
 
 from .conftest import ROOT
 
@@ -101,13 +100,6 @@ def kept(ray_head, openai_server):
     deploy.deploy(parse_spec(f"--model kept {SAAS.format(url=openai_server.base_url)}"))
     yield "kept"
     deploy.undeploy("kept")
-
-
-@pytest.fixture(scope="module")
-def shell():
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "byzer_magic")
-    return ip
 
 
 @pytest.mark.parametrize("cell,message", MAGIC_CASES)

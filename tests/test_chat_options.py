@@ -7,7 +7,6 @@ max_tokens was taken as "no limit" and talked for minutes).
 from __future__ import annotations
 
 import pytest
-from IPython.core.interactiveshell import InteractiveShell
 
 from byzer_magic.chat_line import split_chat_line
 from byzer_magic.cli import main
@@ -23,13 +22,6 @@ BAD = [
     ("--temperature hot", "--temperature must be a number from 0 to 2, got 'hot'"),
     ("--top_p 0", "--top_p must be more than 0 and at most 1, got 0"),
 ]
-
-
-@pytest.fixture(scope="module")
-def shell():
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "byzer_magic")
-    return ip
 
 
 def run(shell, capfd, cell: str) -> str:
