@@ -13,7 +13,8 @@ __version__ = "0.1.0"
 
 def load_ipython_extension(ipython: Any) -> None:
     """Called by `%load_ext byzer_magic`."""
-    from .magics import ByzerMagics, keep_question_marks
+    from .chat_line import keep_question_marks
+    from .magics import ByzerMagics
 
     magics = ByzerMagics(shell=ipython)
     ipython.register_magics(magics)

@@ -3,6 +3,10 @@
 A shell command ends with its process, so it never starts an embedded Ray:
 it needs a running cluster (`ray start --head`, RAY_ADDRESS or --ray_address).
 Exit status: 0 done, 2 bad input, 1 the cluster or the provider failed.
+Bad input includes what a deploy asks of this machine (a model path that is
+not there, a backend whose library is not installed) and a worker count scale
+cannot take: all are refused before the cluster is asked anything. Each
+command connects through the core function it calls, with --ray_address.
 """
 from __future__ import annotations
 
@@ -10,9 +14,10 @@ import argparse
 import json
 import sys
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
-from .errors import ByzerError, SpecError
+from .errors import ByzerError, DeployError, SpecError
+from .wording import for_shell
 
 COMMANDS = {
     "deploy": "deploy a model: the flags of `byzerllm deploy` (see `byzer-magic deploy --help`)",
@@ -20,13 +25,14 @@ COMMANDS = {
     "list": "list the deployments on the cluster",
     "stat": "show one deployment: byzer-magic stat NAME",
     "scale": "change the number of workers: byzer-magic scale NAME N",
-    "chat": "ask a deployment: byzer-magic chat NAME PROMPT...",
+    "chat": "ask a deployment: byzer-magic chat NAME PROMPT... (see `byzer-magic chat --help`)",
     "embed": "embed texts, one JSON vector per line: byzer-magic embed NAME TEXT...",
     "serve": "one OpenAI-compatible endpoint for every deployment (see `byzer-magic serve --help`)",
 }
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(command: str | None) -> argparse.ArgumentParser:
+    """Every command's parser; only the command being run gets its options (chat's need pydantic)."""
     parser = argparse.ArgumentParser(prog="byzer-magic", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -41,12 +47,100 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("workers", type=int)
         if name == "chat":
             cmd.add_argument("prompt", nargs="+")
-            cmd.add_argument("--system")
-            cmd.add_argument("--temperature", type=float)
-            cmd.add_argument("--max_tokens", type=int)
+            if command == "chat":
+                from .option_args import add_arguments
+                from .options import ChatOptions
+
+                add_arguments(cmd, ChatOptions, notebook=False)
         if name == "embed":
             cmd.add_argument("texts", nargs="+", metavar="TEXT", help="each argument is one text")
     return parser
+
+
+def _without_iri_grammar() -> None:
+    """Keep jsonschema's optional IRI checker out of this process: it is most of `import ray`.
+
+    Ray imports jsonschema, which imports `rfc3987_syntax` if installed
+    (JupyterLab's `jupyter-events` brings it), and that builds a grammar on
+    import: 3.8 s of `import ray` against 0.85 s without it, measured on the
+    2-core CI machine. jsonschema checks formats only when given a format
+    checker, which Ray never passes, so a command loses nothing. Only this
+    short-lived process is affected, never a kernel or a Ray worker.
+    """
+    sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[arg-type]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _without_iri_grammar()
+    if argv[:1] in (["deploy"], ["serve"]):
+        args = argparse.Namespace(command=argv[0], flags=argv[1:])
+    else:
+        args = _parser(argv[0] if argv else None).parse_args(argv)
+    try:
+        return _run(args)
+    except SpecError as exc:
+        print(f"byzer-magic {args.command}: {for_shell(str(exc))}", file=sys.stderr)
+        return 2
+    except ByzerError as exc:
+        print(f"byzer-magic {args.command}: {for_shell(str(exc))}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _say(result: Any) -> None:
+    print(for_shell(str(result)), flush=True)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "deploy":
+        return _deploy(args.flags)
+    if args.command == "serve":
+        return _serve(args.flags)
+    if args.command == "chat":
+        return _chat(args)
+    from . import deploy as deploy_api
+
+    where = args.ray_address
+    if args.command == "list":
+        _say(deploy_api.list_deployments(ray_address=where))
+    elif args.command == "stat":
+        _say(repr(deploy_api.require(args.name, ray_address=where, with_metrics=True)))
+    elif args.command == "scale":
+        _say(deploy_api.scale(args.name, args.workers, ray_address=where))
+    elif args.command == "undeploy":
+        deploy_api.undeploy(args.name, ray_address=where)
+        _say(f"{args.name} undeployed")
+    elif args.command == "embed":
+        from .chat import embed
+        from .cluster import connect
+
+        connect(where, embedded_ok=False)
+        for vector in embed(args.name, args.texts):
+            print(json.dumps(vector))
+    return 0
+
+
+def _deploy(argv: list[str]) -> int:
+    from .spec import parse_args
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_deploy_help())
+        return 0
+    spec = parse_args(argv)
+    from . import deploy as deploy_api
+    from .cluster import connect
+
+    try:
+        deploy_api.preflight(spec)
+    except DeployError as exc:
+        raise SpecError(str(exc)) from None
+    connect(spec.ray_address, embedded_ok=False)
+    started = time.monotonic()
+    deploy_api.deploy(spec, on_progress=lambda status: _say(status.line()))
+    _say(f"{spec.name} ready in {time.monotonic() - started:.1f} s")
+    return 0
 
 
 def _deploy_help() -> str:
@@ -56,82 +150,40 @@ def _deploy_help() -> str:
     return build_parser().format_help() + "\n" + settings_help()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["deploy"], ["serve"]):
-        args = argparse.Namespace(command=argv[0], flags=argv[1:])
-    else:
-        args = _parser().parse_args(argv)
-    try:
-        return _run(args)
-    except SpecError as exc:
-        print(f"byzer-magic {args.command}: {exc}", file=sys.stderr)
-        return 2
-    except ByzerError as exc:
-        print(f"byzer-magic {args.command}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+def _chat(args: argparse.Namespace) -> int:
+    from .option_args import fields, validated
+    from .options import ChatOptions
 
-
-def _run(args: argparse.Namespace) -> int:
+    options = validated(ChatOptions, {name: getattr(args, name) for name in fields(ChatOptions, notebook=False)})
     from . import chat as chat_api
-    from . import deploy as deploy_api
-    from .backends.base import GenParams
     from .cluster import connect
-    from .spec import parse_args
 
-    if args.command == "deploy":
-        if not args.flags or args.flags[0] in ("-h", "--help"):
-            print(_deploy_help())
-            return 0
-        spec = parse_args(args.flags)
-        connect(spec.ray_address, embedded_ok=False)
-        started = time.monotonic()
-        deploy_api.deploy(spec, on_progress=lambda s: print(s.line(), flush=True))
-        print(f"{spec.name} ready in {time.monotonic() - started:.1f} s")
-        return 0
-    if args.command == "serve":
-        return _serve(args.flags)
     connect(args.ray_address, embedded_ok=False)
-    if args.command == "list":
-        print(deploy_api.list_deployments())
-    elif args.command == "stat":
-        print(repr(deploy_api.require(args.name, with_metrics=True)))
-    elif args.command == "scale":
-        print(deploy_api.scale(args.name, args.workers))
-    elif args.command == "undeploy":
-        deploy_api.undeploy(args.name)
-        print(f"{args.name} undeployed")
-    elif args.command == "chat":
-        gen = GenParams(temperature=args.temperature, max_tokens=args.max_tokens)
-        messages = chat_api.messages_for(" ".join(args.prompt), args.system)
-        for delta in chat_api.stream(args.name, messages, gen):
-            sys.stdout.write(delta.text)
-            sys.stdout.flush()
-        print()
-    elif args.command == "embed":
-        for vector in chat_api.embed(args.name, args.texts):
-            print(json.dumps(vector))
+    messages = chat_api.messages_for(" ".join(args.prompt), options.system)
+    for delta in chat_api.stream(args.name, messages, options.gen()):
+        sys.stdout.write(delta.text)
+        sys.stdout.flush()
+    print()
     return 0
 
 
 def _serve(argv: list[str]) -> int:
     import os
 
-    from . import gateway
-    from .cluster import connect
     from .flags import build_serve_parser, read_serve_flags
 
     if argv[:1] in (["-h"], ["--help"]):
         print(build_serve_parser("byzer-magic serve").format_help())
         return 0
     args = read_serve_flags(argv, os.environ, "byzer-magic serve")
+    from . import gateway
+    from .cluster import connect
+
     connect(args.ray_address, embedded_ok=False)
     if args.stop:
-        print(gateway.stop())
+        _say(gateway.stop())
     else:
-        print(gateway.start(args.host, args.port, args.api_key))
+        _say(gateway.start(args.host, args.port, args.api_key))
     return 0
 
 

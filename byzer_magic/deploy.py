@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from . import metrics
 from .cluster import connect, worker_runtime_env
-from .errors import DeployError, NotDeployedError, redact
+from .errors import DeployError, NotDeployedError, SpecError, redact
 from .spec import MAX_WORKERS, DeploySpec
 from .status import DeploymentStatus, StatusTable
 from .worker import WORKER_NAME, Worker
@@ -236,7 +236,7 @@ def scale(
     from ray.serve.context import _get_global_client
 
     if not 0 <= workers <= MAX_WORKERS:
-        raise DeployError(f"cannot scale to {workers} workers: use 0 to {MAX_WORKERS} (0 keeps the deployment "
+        raise SpecError(f"cannot scale to {workers} workers: use 0 to {MAX_WORKERS} (0 keeps the deployment "
                           f"but gives its CPUs and GPUs back)")
     current = require(name, ray_address=ray_address)
     extra = max(0, workers - current.workers_wanted)

@@ -1,7 +1,8 @@
 """Flag text -> raw values: split a cell, merge --file YAML under argv, expand ${VAR}.
 
-Everything here is about reading what the user wrote; what the values mean
-and whether they are valid is spec.py's business.
+Everything here is about reading what the user wrote. Which flags exist, their
+types, defaults and ranges are declared in `options`; rules that tie one flag
+to another (a backend and its model path) are `spec`'s.
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .backends import LOCAL_BACKENDS
 from .errors import SpecError
+from .option_args import add_arguments, validated
+from .options import DeployFlags, ServeFlags
 
 _ENV_VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
 _SECRET_KEY = re.compile(r"(key|token|secret|password)", re.IGNORECASE)
@@ -35,42 +37,15 @@ class Flags:
     infer_params: dict[str, Any] = field(default_factory=dict)
 
 
-FLAG_HELP: dict[str, str] = {
-    "model": "deployment name, used by %byzer_chat, %byzer_scale and %byzer_undeploy (required)",
-    "pretrained_model_type": (
-        "saas/<provider>; custom/auto (default) with --infer_backend; or a transformers model type: "
-        "custom/bge, m3e, ... embed, any other name chats"
-    ),
-    "infer_backend": f"local backend: {', '.join(LOCAL_BACKENDS)} (a model type defaults to transformers)",
-    "model_path": "local weights: a model directory, or a .gguf file for llama_cpp",
-    "num_workers": "workers (Ray Serve replicas), default 1",
-    "worker_concurrency": "requests one worker takes at once; default 1, engine-sized for vllm",
-    "cpus_per_worker": "Ray CPUs per worker, fractions allowed, default 0.001",
-    "gpus_per_worker": "Ray GPUs per worker, default 0",
-    "infer_params": "key=value settings: saas.* for SaaS, backend.* for vllm/transformers/deepspeed, plain keys for llama_cpp",
-    "ray_address": "Ray cluster to use; default RAY_ADDRESS, else the running one, else a local one",
-    "file": "YAML file with the same keys; flags given here override it",
-    "force": "replace a deployment that already has this name",
-    "deploy_timeout": "seconds to wait for every worker to be ready, default 300",
-}
-
-
 def build_parser(prog: str = "byzer-magic deploy") -> argparse.ArgumentParser:
-    """The one parser for `%%byzer_deploy` and `byzer-magic deploy`."""
+    """The one parser for `%%byzer_deploy` and `byzer-magic deploy`, made from `DeployFlags`."""
     parser = _Parser(
         prog=prog,
         allow_abbrev=False,
         add_help=False,
         description="Deploy a model onto Ray as a set of workers; the flags are those of `byzerllm deploy`.",
     )
-    for flag, raw in FLAG_HELP.items():
-        text = raw.replace("%", "%%")
-        if flag == "infer_params":
-            parser.add_argument("--infer_params", nargs="+", action="extend", metavar="KEY=VALUE", help=text)
-        elif flag == "force":
-            parser.add_argument("--force", action="store_true", default=None, help=text)
-        else:
-            parser.add_argument(f"--{flag}", type=str, metavar=flag.upper(), help=text)
+    add_arguments(parser, DeployFlags)
     return parser
 
 
@@ -126,7 +101,7 @@ def read_flags(argv: list[str], env: Mapping[str, str]) -> Flags:
     return flags
 
 
-def _unknown_flag_message(token: str, names: Iterable[str] = FLAG_HELP) -> str:
+def _unknown_flag_message(token: str, names: Iterable[str] = tuple(DeployFlags.model_fields)) -> str:
     valid = [f"--{name}" for name in names]
     flag = token.split("=", 1)[0]
     if not flag.startswith("-"):
@@ -142,6 +117,9 @@ def did_you_mean(word: str, choices: Iterable[str], *, prefix: str = "") -> str:
     """' Did you mean X?' naming the closest choice, or '' when none is close: every misspelling gets one."""
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" Did you mean {prefix}{close[0]}?" if close else ""
+
+
+_YAML_KEYS = [name for name in DeployFlags.model_fields if name != "file"]
 
 
 def _read_yaml(path: str, env: Mapping[str, str]) -> Flags:
@@ -161,11 +139,11 @@ def _read_yaml(path: str, env: Mapping[str, str]) -> Flags:
         where = f"{key} in {path}"
         if key == "infer_params":
             flags.infer_params.update(_yaml_params(value, env, path))
-        elif key in FLAG_HELP and key != "file":
+        elif key in _YAML_KEYS:
             flags.values[key] = _expand(value, env, where) if isinstance(value, str) else value
         else:
-            hint = did_you_mean(key, list(FLAG_HELP))
-            raise SpecError(f"--file {path}: unknown key {key!r}.{hint} Valid keys: {', '.join(FLAG_HELP)}.")
+            hint = did_you_mean(key, _YAML_KEYS)
+            raise SpecError(f"--file {path}: unknown key {key!r}.{hint} Valid keys: {', '.join(_YAML_KEYS)}.")
     return flags
 
 
@@ -187,42 +165,25 @@ def _expand(value: str, env: Mapping[str, str], where: str) -> str:
     def lookup(match: re.Match) -> str:
         name = match.group(1) or match.group(2)
         if name not in env:
-            raise SpecError(f"{where}: environment variable ${name} is not set (export it, or %env {name}=...)")
+            raise SpecError(f"{where}: environment variable ${name} is not set (set it with %env {name}=...)")
         return env[name]
 
     return _ENV_VAR.sub(lookup, value)
 
 
-SERVE_HELP: dict[str, str] = {
-    "host": "address to listen on, default 127.0.0.1 (this machine only); 0.0.0.0 opens it to the network",
-    "port": "TCP port, default 8000",
-    "api_key": "require `Authorization: Bearer KEY` on every route but /health; ${VAR} reads it from the environment",
-    "stop": "stop the endpoint (the deployments keep running)",
-    "ray_address": "Ray cluster to use; default RAY_ADDRESS, else the running one",
-}
-
-
 def build_serve_parser(prog: str) -> argparse.ArgumentParser:
-    """The one parser for `%byzer_serve` and `byzer-magic serve`."""
+    """The one parser for `%byzer_serve` and `byzer-magic serve`, made from `ServeFlags`."""
     parser = _Parser(prog=prog, allow_abbrev=False, add_help=False, description="one OpenAI-compatible endpoint for every deployment")
-    parser.add_argument("--host", default="127.0.0.1", help=SERVE_HELP["host"])
-    parser.add_argument("--port", type=int, default=8000, help=SERVE_HELP["port"])
-    parser.add_argument("--api_key", help=SERVE_HELP["api_key"])
-    parser.add_argument("--stop", action="store_true", help=SERVE_HELP["stop"])
-    parser.add_argument("--ray_address", help=SERVE_HELP["ray_address"])
+    add_arguments(parser, ServeFlags)
     return parser
 
 
-def read_serve_flags(argv: list[str], env: Mapping[str, str], prog: str = "%byzer_serve") -> argparse.Namespace:
-    """Serve flags with ${VAR} expanded in the key; bad ones refused naming the valid ones."""
-    parser = build_serve_parser(prog)
-    known, extra = parser.parse_known_args(argv)
+def read_serve_flags(argv: list[str], env: Mapping[str, str], prog: str = "%byzer_serve") -> ServeFlags:
+    """Serve flags, typed and bounded by `ServeFlags`, with ${VAR} expanded in the key."""
+    known, extra = build_serve_parser(prog).parse_known_args(argv)
     if extra:
-        raise SpecError(f"{prog}: {_unknown_flag_message(extra[0], SERVE_HELP)}")
-    if not 0 < known.port < 65536:
-        raise SpecError(f"{prog} --port {known.port}: use a TCP port from 1 to 65535")
-    if known.api_key is not None:
-        known.api_key = _expand(known.api_key, env, "--api_key")
-        if not known.api_key.strip():
-            raise SpecError(f"{prog} --api_key: the key is empty")
-    return known
+        raise SpecError(_unknown_flag_message(extra[0], ServeFlags.model_fields))
+    values = vars(known)
+    if values["api_key"] is not None:
+        values["api_key"] = _expand(values["api_key"], env, "--api_key")
+    return validated(ServeFlags, values)

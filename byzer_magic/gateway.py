@@ -21,6 +21,7 @@ from .backends.base import Delta, Embeddings, GenParams, Messages
 from .cluster import connect, worker_runtime_env
 from .errors import DeployError, NotDeployedError
 from .openai_api import build_app, key_digest
+from .options import SERVE_DEFAULTS
 
 GATEWAY_APP = "byzer_openai"
 GATEWAY_NAME = "ByzerGateway"
@@ -145,8 +146,8 @@ def endpoint(*, ray_address: str | None = None) -> Endpoint | None:
 
 
 def start(
-    host: str = "127.0.0.1",
-    port: int = 8000,
+    host: str = SERVE_DEFAULTS.host,
+    port: int = SERVE_DEFAULTS.port,
     api_key: str | None = None,
     *,
     ray_address: str | None = None,

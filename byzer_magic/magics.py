@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import shlex
 import sys
 import time
@@ -18,16 +17,18 @@ from IPython.core.error import UsageError
 from IPython.display import display
 from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from traitlets import Bool, Float, Int, Unicode
+from traitlets import Bool, Float, Int, TraitError, TraitType, Unicode, validate
 from traitlets.config import Configurable
 
 from . import chat as chat_api
 from . import deploy as deploy_api
 from . import gateway
-from .backends.base import GenParams
+from .chat_line import split_chat_line
 from .cluster import connect
-from .errors import ByzerError
-from .flags import FLAG_HELP, SERVE_HELP, read_serve_flags
+from .errors import ByzerError, SpecError
+from .flags import read_serve_flags
+from .option_args import arguments, check, help_lines, kind_of, validated
+from .options import SERVE_DEFAULTS, ChatOptions, DeployFlags, ServeFlags
 from .spec import parse_spec, settings_help
 from .status import DeploymentStatus
 from .widgets import StatusCard
@@ -49,7 +50,7 @@ def _friendly(method: Callable) -> Callable:
 
 
 def _deploy_doc() -> str:
-    flags = "\n".join(f"  --{name}: {text}" for name, text in FLAG_HELP.items())
+    flags = help_lines(DeployFlags)
     return f"""Deploy a model onto Ray; the cell holds `byzerllm deploy` flags.
 
 Examples::
@@ -73,17 +74,45 @@ Flags:
 """
 
 
+_CHAT_DEFAULTS = ("max_tokens", "temperature", "system")
+"""The `%byzer_chat` options that `%config ByzerMagics` can give a default."""
+
+
+def _chat_setting(name: str) -> TraitType:
+    """A `%config ByzerMagics` default for one `%byzer_chat` option, typed and described by ChatOptions."""
+    field = ChatOptions.model_fields[name]
+    trait = {int: Int, float: Float, str: Unicode}[kind_of(field)]
+    return trait(None, allow_none=True, help=f"default --{name} for %byzer_chat: {field.description}").tag(config=True)
+
+
+def _chat_arguments(magic: Callable) -> Callable:
+    """`%byzer_chat`'s parser and `?` help: ChatOptions' options, then the name and the prompt."""
+    magic = argument("prompt", nargs="*", help="the question; in the cell form, the cell body")(magic)
+    magic = argument("name", help="deployment name given to --model")(magic)
+    for names, keywords in reversed(arguments(ChatOptions)):
+        magic = argument(*names, **keywords)(magic)
+    return magic_arguments()(magic)
+
+
 @magics_class
 class ByzerMagics(Magics, Configurable):
     """Deploy and chat with LLMs on Ray. Settings: `%config ByzerMagics`."""
 
     short_errors = Bool(True, help="show known errors as one line instead of a traceback").tag(config=True)
     stream = Bool(True, help="print %byzer_chat answers token by token as they arrive").tag(config=True)
-    max_tokens = Int(None, allow_none=True, help="default --max_tokens for %byzer_chat").tag(config=True)
-    temperature = Float(None, allow_none=True, help="default --temperature for %byzer_chat").tag(config=True)
-    system = Unicode(None, allow_none=True, help="default --system prompt for %byzer_chat").tag(config=True)
+    max_tokens = _chat_setting("max_tokens")
+    temperature = _chat_setting("temperature")
+    system = _chat_setting("system")
     ray_address = Unicode(None, allow_none=True, help="Ray cluster for every magic; overrides RAY_ADDRESS").tag(config=True)
     card_interval = Float(2.0, help="seconds between a status card's updates from the cluster").tag(config=True)
+
+    @validate(*_CHAT_DEFAULTS)
+    def _chat_default(self, proposal: Any) -> Any:
+        """A chat default obeys the same ranges as the flag it stands in for."""
+        try:
+            return check(ChatOptions, proposal["trait"].name, proposal["value"], prefix="ByzerMagics.")
+        except SpecError as exc:
+            raise TraitError(str(exc)) from None
 
     def __init__(self, shell: Any = None, **kwargs: Any):
         Configurable.__init__(self, config=shell.config if shell else None)
@@ -100,7 +129,8 @@ class ByzerMagics(Magics, Configurable):
         started = time.monotonic()
         if not self._in_notebook():
             result = deploy_api.deploy(spec, on_progress=self._progress)
-            print(f"{spec.name} ready in {time.monotonic() - started:.1f} s: chat with %byzer_chat {spec.name} ...")
+            use = f"embed with %byzer_embed {spec.name} TEXT" if spec.task == "embed" else f"chat with %byzer_chat {spec.name} ..."
+            print(f"{spec.name} ready in {time.monotonic() - started:.1f} s: {use}")
             return result
         card = self._card(DeploymentStatus(spec.name, "deploying", 0, spec.num_workers, "", spec.describe()))
         display(card)
@@ -120,14 +150,7 @@ class ByzerMagics(Magics, Configurable):
     def _progress(status: DeploymentStatus) -> None:
         print(f"  {status.line()}", flush=True)
 
-    @magic_arguments()
-    @argument("-o", "--output", metavar="VAR", help="keep the answer (a ChatResult) in this variable")
-    @argument("--system", help="system prompt placed before the question")
-    @argument("--temperature", type=float, help="sampling temperature; 0 is greedy")
-    @argument("--max_tokens", type=int, help="longest answer, in tokens")
-    @argument("--no_stream", action="store_true", help="print the answer once it is complete")
-    @argument("name", help="deployment name given to --model")
-    @argument("prompt", nargs="*", help="the question; in the cell form, the cell body")
+    @_chat_arguments
     @line_cell_magic
     @_friendly
     def byzer_chat(self, line: str, cell: str | None = None) -> None:
@@ -141,30 +164,29 @@ class ByzerMagics(Magics, Configurable):
             %%byzer_chat my_chat -o answer --system "Answer in one line."
             A long, multi-line question...
         """
-        options, prompt = _split_chat_line(line)
-        args = parse_argstring(self.byzer_chat, " ".join(shlex.quote(o) for o in options))
+        words, prompt = split_chat_line(line)
+        args = parse_argstring(self.byzer_chat, " ".join(shlex.quote(w) for w in words))
         text = cell if cell is not None else prompt
         if not text or not text.strip():
             raise UsageError(f"nothing to ask: write the question after the name (%byzer_chat {args.name} Hello)")
-        gen = GenParams(
-            temperature=args.temperature if args.temperature is not None else self.temperature,
-            max_tokens=args.max_tokens if args.max_tokens is not None else self.max_tokens,
-        )
-        messages = chat_api.messages_for(text.strip(), args.system or self.system)
+        defaults = {name: getattr(self, name) for name in _CHAT_DEFAULTS}
+        given = {k: v for k, v in vars(args).items() if k in ChatOptions.model_fields and v is not None}
+        options = validated(ChatOptions, {**defaults, **given})
+        messages = chat_api.messages_for(text.strip(), options.system)
         connect(self.ray_address, embedded_ok=False)
-        if self.stream and not args.no_stream:
+        if self.stream and not options.no_stream:
             deltas = []
-            for delta in chat_api.stream(args.name, messages, gen):
+            for delta in chat_api.stream(args.name, messages, options.gen()):
                 deltas.append(delta)
                 sys.stdout.write(delta.text)
                 sys.stdout.flush()
             print()
             result = chat_api.ChatResult.of(deltas)
         else:
-            result = chat_api.chat(args.name, messages, gen)
+            result = chat_api.chat(args.name, messages, options.gen())
             print(result.text)
-        if args.output:
-            self.shell.user_ns[args.output] = result
+        if options.output:
+            self.shell.user_ns[options.output] = result
 
     @line_cell_magic
     @_friendly
@@ -259,42 +281,23 @@ class ByzerMagics(Magics, Configurable):
             return gateway.stop(ray_address=ray_address)
         return gateway.start(args.host, args.port, args.api_key, ray_address=ray_address)
 
-    byzer_serve.__doc__ = """Serve every deployment at one OpenAI-compatible URL, from the cluster.
+    byzer_serve.__doc__ = f"""Serve every deployment at one OpenAI-compatible URL, from the cluster.
 
 Examples::
 
-    %byzer_serve                                  # http://127.0.0.1:8000/v1
-    %byzer_serve --port 8001 --api_key ${GATEWAY_KEY}
+    %byzer_serve                                  # http://{SERVE_DEFAULTS.host}:{SERVE_DEFAULTS.port}/v1
+    %byzer_serve --port 8001 --api_key ${{GATEWAY_KEY}}
     %byzer_serve --stop
 
-Any OpenAI client then works: `OpenAI(base_url="http://127.0.0.1:8000/v1",
+Any OpenAI client then works: `OpenAI(base_url="http://{SERVE_DEFAULTS.host}:{SERVE_DEFAULTS.port}/v1",
 api_key=...)`, with `model` set to a deployment's name. Routes: /v1/models,
 /v1/chat/completions, /v1/completions, /v1/embeddings, /health, /metrics.
 The endpoint runs on the cluster, so it outlives this kernel, and it sees
 deployments added or removed later at once.
 
 Flags:
-""" + "\n".join(f"  --{name}: {text}" for name, text in SERVE_HELP.items())
-
-
-_CHAT_LINE = re.compile(r"^(\s*(?:[A-Za-z_][\w.]*\s*=\s*)?)%(byzer_chat|byzer_embed)\s+(\S+\s+\S.*?)\s*$")
-
-
-def keep_question_marks(lines: list[str]) -> list[str]:
-    """Input transformer: `%byzer_chat NAME What is Ray?` is a question, not `Ray?` help.
-
-    IPython reads any line ending in `?` as a help request for its last word;
-    a chat or embed line with text (`vec = %byzer_embed NAME Why?` too) becomes
-    an explicit magic call before that rule runs. `%byzer_chat?` and
-    `%byzer_chat NAME?` still ask for help.
-    """
-    out = []
-    for line in lines:
-        match = _CHAT_LINE.match(line)
-        if match and line.rstrip().endswith("?"):
-            line = f"{match.group(1)}get_ipython().run_line_magic({match.group(2)!r}, {match.group(3)!r})\n"
-        out.append(line)
-    return out
+{help_lines(ServeFlags)}
+"""
 
 
 def _ray_address() -> str:
@@ -308,36 +311,3 @@ def _one_name(line: str, usage: str) -> str:
     if len(parts) != 1:
         raise UsageError(f"usage: {usage}")
     return parts[0]
-
-
-_VALUED = {"-o", "--output", "--system", "--temperature", "--max_tokens"}
-
-
-def _split_chat_line(line: str) -> tuple[list[str], str]:
-    """Options and the name come first; the rest of the line is the prompt, verbatim.
-
-    So apostrophes, dashes and quotes in a question need no escaping.
-    """
-    lexer = shlex.shlex(line, posix=True)
-    lexer.whitespace_split = True
-    lexer.commenters = ""
-    options: list[str] = []
-    named = False
-    expect_value = False
-    while True:
-        start = lexer.instream.tell()
-        rest = line[start:].lstrip()
-        if named and not expect_value and not rest.startswith("-"):
-            return options, rest.strip()
-        try:
-            token = lexer.get_token()
-        except ValueError as exc:
-            raise UsageError(f"%byzer_chat: {exc} in the options") from None
-        if token is None:
-            return options, ""
-        if expect_value or token.startswith("-"):
-            options.append(token)
-            expect_value = not expect_value and token.split("=")[0] in _VALUED and "=" not in token
-            continue
-        options.append(token)
-        named = True

@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException
 
 from .backends.base import Delta, Embeddings, GenParams, Messages
 from .errors import BackendError, ByzerError, NotDeployedError, WrongTaskError
+from .options import Sampling
 
 
 class Deployments(Protocol):
@@ -73,14 +74,10 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
-class _Generation(_Lenient):
+class _Generation(Sampling, _Lenient):
     model: str = Field(min_length=1, description="a deployment's name, as %byzer_list shows it")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    seed: int | None = None
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=1, description="only one choice per request")
     ignore_eos: bool = Field(default=False, description="vLLM's extension: generate max_tokens regardless of EOS")
@@ -98,7 +95,7 @@ class _Generation(_Lenient):
 
 class ChatRequest(_Generation):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Sampling.model_fields["max_tokens"]
 
     def _max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -1,15 +1,19 @@
 """`byzerllm deploy` flags (cell text, argv or YAML) -> a validated DeploySpec.
 
 One parser serves the cell magic and the command line, so a spec that works
-in one works in the other. Everything that can be checked without a cluster is
-checked here, before anything starts; every message masks secrets.
+in one works in the other. Each flag's type, default and range come from
+`options.DeployFlags`; this module adds the rules that tie flags together (the
+backend a model type means, what it needs of --model_path and GPUs) and checks
+`infer_params` against the backend's settings. Only what a deploy needs from the
+machine (the model file, the library) is checked later, by `deploy.preflight`.
+Every message masks secrets.
 """
 from __future__ import annotations
 
 import difflib
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from pydantic import SecretStr, ValidationError
@@ -19,9 +23,8 @@ from .backends.base import BackendSettings
 from .backends.providers import PROVIDER_BASE_URLS
 from .errors import SpecError, redact
 from .flags import Flags, did_you_mean, read_flags, secrets_in, secrets_in_env, split_cell
-
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-MAX_WORKERS = 256
+from .option_args import default_of, validated
+from .options import MAX_WORKERS, DeployFlags  # noqa: F401 - deploy.scale bounds workers by MAX_WORKERS too
 
 
 @dataclass(frozen=True)
@@ -34,13 +37,13 @@ class DeploySpec:
     params: BackendSettings
     provider: str | None = None
     model_path: str | None = None
-    num_workers: int = 1
+    num_workers: int = default_of(DeployFlags, "num_workers")
     worker_concurrency: int = 1
-    cpus_per_worker: float = 0.001
-    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = default_of(DeployFlags, "cpus_per_worker")
+    gpus_per_worker: float = default_of(DeployFlags, "gpus_per_worker")
     ray_address: str | None = None
-    force: bool = False
-    deploy_timeout: float = 300.0
+    force: bool = default_of(DeployFlags, "force")
+    deploy_timeout: float = default_of(DeployFlags, "deploy_timeout")
 
     @property
     def info(self) -> BackendInfo:
@@ -92,9 +95,6 @@ class DeploySpec:
             "infer_params": self.public_params(),
         }
 
-    def with_workers(self, num_workers: int) -> "DeploySpec":
-        return replace(self, num_workers=num_workers)
-
     def __repr__(self) -> str:
         params = " ".join(f"{k}={v}" for k, v in self.public_params().items())
         return (
@@ -106,15 +106,6 @@ class DeploySpec:
         )
 
     __str__ = __repr__
-
-
-_TYPES: dict[str, Any] = {
-    "num_workers": int,
-    "worker_concurrency": int,
-    "cpus_per_worker": float,
-    "gpus_per_worker": float,
-    "deploy_timeout": float,
-}
 
 
 def parse_spec(text: str, env: Mapping[str, str] | None = None) -> DeploySpec:
@@ -140,89 +131,52 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Dep
         raise SpecError(redact(str(exc), secrets + secrets_in_env(argv, env))) from None
 
 
-def _typed(key: str, value: Any) -> Any:
-    kind = _TYPES.get(key)
-    if kind is None or value is None:
-        return value
-    try:
-        if kind is int and isinstance(value, float):
-            if not value.is_integer():
-                raise ValueError
-            value = int(value)
-        if kind is int and isinstance(value, str) and not re.fullmatch(r"[+-]?\d+", value.strip()):
-            raise ValueError
-        return kind(value)
-    except (TypeError, ValueError):
-        noun = "a whole number" if kind is int else "a number"
-        raise SpecError(f"--{key} must be {noun}, got {value!r}") from None
-
-
 def _build(flags: Flags) -> DeploySpec:
-    v = {k: _typed(k, val) for k, val in flags.values.items()}
-    name = v.get("model")
-    if not name:
-        raise SpecError("--model is required: the name to chat with, e.g. --model my_chat")
-    name = str(name)
-    if not NAME_PATTERN.match(name):
-        raise SpecError(
-            f"--model {name!r} is not a valid name: use letters, digits, '_', '-' or '.', "
-            f"start with a letter or digit, at most 64 characters"
-        )
-    model_type = str(v.get("pretrained_model_type") or "custom/auto").strip()
-    backend, provider = _backend_for(model_type, v.get("infer_backend"))
-    info = BACKENDS[backend]
-    params = _settings(info, model_type, flags.infer_params)
+    f = validated(DeployFlags, {**flags.values, "infer_params": flags.infer_params})
+    model_type = f.pretrained_model_type.strip() or default_of(DeployFlags, "pretrained_model_type")
+    backend, provider = _backend_for(model_type, f.infer_backend)
+    params = _settings(BACKENDS[backend], model_type, f.infer_params)
+    _check_model_path(backend, f.model_path)
+    _check_gpus(backend, f.gpus_per_worker)
+    concurrency = f.worker_concurrency
+    return DeploySpec(
+        name=f.model,
+        pretrained_model_type=model_type,
+        backend=backend,
+        provider=provider,
+        params=params,
+        model_path=f.model_path or None,
+        num_workers=f.num_workers,
+        worker_concurrency=_default_concurrency(backend, params) if concurrency is None else concurrency,
+        cpus_per_worker=f.cpus_per_worker,
+        gpus_per_worker=f.gpus_per_worker,
+        ray_address=f.ray_address or None,
+        force=f.force,
+        deploy_timeout=f.deploy_timeout,
+    )
 
-    model_path = v.get("model_path")
+
+def _check_model_path(backend: str, model_path: str | None) -> None:
     if backend != "saas" and not model_path:
         raise SpecError(f"--model_path is required for --infer_backend {backend}: " + (
             "the .gguf file to load" if backend == "llama_cpp" else "the model's directory"))
     if backend == "saas" and model_path:
         raise SpecError("--model_path does not apply to saas/* models; the endpoint holds the model")
 
-    num_workers = v.get("num_workers", 1)
-    if not 1 <= num_workers <= MAX_WORKERS:
-        raise SpecError(f"--num_workers must be between 1 and {MAX_WORKERS}, got {num_workers}")
-    cpus = v.get("cpus_per_worker", 0.001)
-    gpus = v.get("gpus_per_worker", 0.0)
-    if cpus < 0:
-        raise SpecError(f"--cpus_per_worker must be 0 or more, got {cpus:g}")
-    if gpus < 0:
-        raise SpecError(f"--gpus_per_worker must be 0 or more, got {gpus:g}")
-    if info.whole_gpus and gpus > 1 and gpus != int(gpus):
-        raise SpecError(
-            f"--gpus_per_worker {gpus:g}: above 1, {backend} needs whole GPUs (it shards over them with "
-            f"tensor parallelism); use 2, 3, ..., or a share below 1 to put several workers on one GPU"
-        )
+
+def _check_gpus(backend: str, gpus: float) -> None:
+    """Deepspeed's limit first: its worker never shards, so the tensor-parallel advice would not be so."""
     if backend == "deepspeed" and gpus > 1:
         raise SpecError(
             f"--gpus_per_worker {gpus:g}: a deepspeed worker is one process on one GPU, and DeepSpeed's tensor "
             f"parallelism needs one process per GPU; use --gpus_per_worker 1 with more --num_workers, or "
             f"--infer_backend vllm, which shards one model over several GPUs"
         )
-    concurrency = v.get("worker_concurrency")
-    if concurrency is None:
-        concurrency = _default_concurrency(backend, params)
-    if concurrency < 1:
-        raise SpecError(f"--worker_concurrency must be 1 or more, got {concurrency}")
-    timeout = v.get("deploy_timeout", 300.0)
-    if timeout <= 0:
-        raise SpecError(f"--deploy_timeout must be more than 0 seconds, got {timeout:g}")
-    return DeploySpec(
-        name=name,
-        pretrained_model_type=model_type,
-        backend=backend,
-        provider=provider,
-        params=params,
-        model_path=str(model_path) if model_path else None,
-        num_workers=num_workers,
-        worker_concurrency=concurrency,
-        cpus_per_worker=cpus,
-        gpus_per_worker=gpus,
-        ray_address=v.get("ray_address") or None,
-        force=bool(v.get("force")),
-        deploy_timeout=timeout,
-    )
+    if BACKENDS[backend].whole_gpus and gpus > 1 and gpus != int(gpus):
+        raise SpecError(
+            f"--gpus_per_worker {gpus:g}: above 1, {backend} needs whole GPUs (it shards over them with "
+            f"tensor parallelism); use 2, 3, ..., or a share below 1 to put several workers on one GPU"
+        )
 
 
 def task_of(model_type: str) -> str:

@@ -25,7 +25,7 @@ class DeploymentStatus:
         """Requests at a glance: served, in flight, queued, tokens/s and median latency over the last minute."""
         m = self.metrics
         if not m:
-            return "no requests yet"
+            return "no figures yet (workers report them on each health check)"
         limit = int(self.details.get("worker_concurrency") or 1) * max(self.workers_ready, 1)
         parts = [f"{m['served']} served", f"{m['in_flight']} in flight (of {limit})", f"{m.get('queued', 0)} queued",
                  f"{m['errors']} failed"]
@@ -49,9 +49,9 @@ class DeploymentStatus:
         return f"{text} ({self.message})" if self.message and self.state != "ready" else text
 
     def __repr__(self) -> str:
-        """The line, then the request figures, as a terminal shows one deployment."""
+        """The line, then the request figures when they were read (a scale's answer has none)."""
         text = self.line()
-        if self.state in ("ready", "degraded"):
+        if self.metrics and self.state in ("ready", "degraded"):
             text += f"\n  requests: {self.activity()}"
             if self.metrics.get("last_error"):
                 text += f"\n  last error: {self.metrics['last_error']}"

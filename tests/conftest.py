@@ -128,6 +128,16 @@ class RayHead:
 
 
 @pytest.fixture(scope="session")
+def shell():
+    """An IPython shell with the extension loaded, as a notebook user has it (IPython keeps one per process)."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "byzer_magic")
+    return ip
+
+
+@pytest.fixture(scope="session")
 def ray_head():
     """A `ray start --head` cluster of its own, joined by pytest and by subprocess drivers."""
     port = free_port()

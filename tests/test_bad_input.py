@@ -9,7 +9,6 @@ import os
 import subprocess
 
 import pytest
-from IPython.core.interactiveshell import InteractiveShell
 
 from .conftest import ROOT
 
@@ -21,9 +20,9 @@ MAGIC_CASES = [
     ("%%byzer_deploy\n# only a comment\n", "no flags given"),
     ("%%byzer_deploy\n--model a --bogus 1", "unknown flag --bogus"),
     ("%%byzer_deploy\n--model a --num_wokers 2 " + LLAMA, "Did you mean --num_workers"),
-    ("%%byzer_deploy\n--model a --num_workers 0 " + LLAMA, "--num_workers must be between 1"),
-    ("%%byzer_deploy\n--model a --num_workers -3 " + LLAMA, "--num_workers must be between 1"),
-    ("%%byzer_deploy\n--model a --num_workers 99999 " + LLAMA, "--num_workers must be between 1"),
+    ("%%byzer_deploy\n--model a --num_workers 0 " + LLAMA, "--num_workers must be from 1 to 256"),
+    ("%%byzer_deploy\n--model a --num_workers -3 " + LLAMA, "--num_workers must be from 1 to 256"),
+    ("%%byzer_deploy\n--model a --num_workers 99999 " + LLAMA, "--num_workers must be from 1 to 256"),
     ("%%byzer_deploy\n--model a --num_workers many " + LLAMA, "--num_workers must be a whole number"),
     ("%%byzer_deploy\n--model a --cpus_per_worker x " + LLAMA, "--cpus_per_worker must be a number"),
     ("%%byzer_deploy\n--model a --pretrained_model_type saas/nope --infer_params saas.api_key=k saas.model=m",
@@ -51,12 +50,15 @@ MAGIC_CASES = [
     ("%%byzer_deploy\n--model a --file /no/such.yaml", "cannot read it"),
     ("%byzer_chat", "name"),
     ("%byzer_chat not_deployed hello", "no deployment named 'not_deployed'"),
-    ("%byzer_chat --temperature hot not_deployed hi", "argument --temperature: invalid float value"),
+    ("%byzer_chat --temperature hot not_deployed hi", "--temperature must be a number from 0 to 2, got 'hot'"),
+    ("%byzer_chat --temperature -1 kept hi", "--temperature must be from 0 to 2, got -1"),
+    ("%byzer_chat --max_tokens -5 kept hi", "--max_tokens must be 1 or more, got -5"),
+    ("%byzer_chat --max_tokens 0 kept hi", "--max_tokens must be 1 or more, got 0"),
     ("%%byzer_chat not_deployed\n   \n", "nothing to ask"),
     ("%byzer_scale", "usage: %byzer_scale NAME WORKERS"),
     ("%byzer_scale kept -1", "usage: %byzer_scale NAME WORKERS"),
-    ("%byzer_scale kept 0", "cannot scale to 0 workers"),
-    ("%byzer_scale kept 100000", r"need 99.999 CPUs; the cluster has \d+"),
+    ("%byzer_scale kept 257", "cannot scale to 257 workers: use 0 to 256"),
+    ("%byzer_scale kept 100000", "cannot scale to 100000 workers"),
     ("%byzer_scale not_deployed 2", "no deployment named 'not_deployed'"),
     ("%byzer_undeploy", "usage: %byzer_undeploy NAME"),
     ("%byzer_undeploy not_deployed", "no deployment named 'not_deployed'.*kept"),
@@ -100,13 +102,6 @@ def kept(ray_head, openai_server):
     deploy.undeploy("kept")
 
 
-@pytest.fixture(scope="module")
-def shell():
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "byzer_magic")
-    return ip
-
-
 @pytest.mark.parametrize("cell,message", MAGIC_CASES)
 def test_bad_magic_input_is_one_paragraph_and_changes_nothing(shell, capfd, kept, files, openai_server, cell, message):
     cell = cell.format(url=openai_server.base_url, **files)
@@ -127,12 +122,16 @@ def test_bad_magic_input_is_one_paragraph_and_changes_nothing(shell, capfd, kept
 CLI_CASES = [
     (["deploy"], 0, "--pretrained_model_type"),
     (["deploy", "--model", "a", "--num_wokers", "2"], 2, "Did you mean --num_workers"),
-    (["deploy", "--model", "a", "--infer_backend", "llama_cpp", "--model_path", "/no/such.gguf"], 1, "no such file"),
+    (["deploy", "--model", "a", "--infer_backend", "llama_cpp", "--model_path", "/no/such.gguf"], 2, "no such file"),
+    (["deploy", "--model", "kept", *SAAS.split()], 1, "already exists.*remove it with byzer-magic undeploy kept"),
     (["deploy", "--model", "a", "--pretrained_model_type", "saas/openai", "--infer_params", "saas.api_key=$UNSET_X",
       "saas.model=m"], 2, r"\$UNSET_X is not set"),
-    (["scale", "kept", "0"], 1, "cannot scale to 0"),
+    (["scale", "kept", "-1"], 2, "cannot scale to -1 workers: use 0 to 256"),
+    (["scale", "kept", "257"], 2, "cannot scale to 257 workers: use 0 to 256"),
     (["scale", "kept", "two"], 2, "invalid int value"),
-    (["chat", "not_deployed", "hi"], 1, "no deployment named"),
+    (["chat", "not_deployed", "hi"], 1, "no deployment named.*deploy it with byzer-magic deploy, see byzer-magic list"),
+    (["chat", "kept", "--max_tokens", "0", "hi"], 2, "--max_tokens must be 1 or more, got 0"),
+    (["chat", "kept", "--temperature", "-1", "hi"], 2, "--temperature must be from 0 to 2, got -1"),
     (["undeploy", "not_deployed"], 1, "no deployment named"),
     (["stat", "not_deployed"], 1, "no deployment named"),
     (["frobnicate"], 2, "invalid choice"),
@@ -140,13 +139,15 @@ CLI_CASES = [
 
 
 @pytest.mark.parametrize("argv,code,message", CLI_CASES)
-def test_bad_cli_input_exits_with_a_clear_line(kept, ray_head, argv, code, message):
+def test_bad_cli_input_exits_with_a_clear_line(kept, ray_head, openai_server, argv, code, message):
     import re
 
+    argv = [word.format(url=openai_server.base_url) for word in argv]
     before = cluster_state()
     env = {k: v for k, v in os.environ.items() if k != "UNSET_X"}
     result = subprocess.run(["byzer-magic", *argv], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     text = result.stdout + result.stderr
     assert result.returncode == code, text
     assert re.search(message, text) and "Traceback" not in text, text
+    assert "%byzer" not in text, text
     assert cluster_state() == before

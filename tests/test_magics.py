@@ -4,19 +4,9 @@ from __future__ import annotations
 import asyncio
 import os
 
-import pytest
-from IPython.core.interactiveshell import InteractiveShell
-
 from .conftest import alive_replicas, start_openai_server
 
 SECRET = "sk-magic-secret-0123456789abcdef"
-
-
-@pytest.fixture(scope="module")
-def shell():
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "byzer_magic")
-    yield ip
 
 
 def run(shell, capfd, cell: str) -> str:

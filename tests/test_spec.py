@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from byzer_magic.errors import SpecError
-from byzer_magic.flags import FLAG_HELP
+from byzer_magic.flags import build_parser
+from byzer_magic.options import DeployFlags
 from byzer_magic.spec import parse_args, parse_spec
 
 ENV = {"MODEL_QIANWEN_TOKEN": "sk-qianwen-secret-42", "KEY": "sk-key-secret-77", "N": "3"}
@@ -159,7 +160,7 @@ BAD = [
     ("--model x --pretrained_model_type custom/bge --infer_backend vllm --model_path /m",
      "embedding model: it deploys with --infer_backend transformers, not vllm"),
     ("--model x --infer_backend deepspeed --model_path /m --gpus_per_worker 2", "one process per GPU"),
-    ("--model x --infer_backend deepspeed --model_path /m --gpus_per_worker 1.5", "deepspeed needs whole GPUs"),
+    ("--model x --infer_backend deepspeed --model_path /m --gpus_per_worker 1.5", "one process per GPU"),
     ("--model x --infer_backend transformers --model_path /m --infer_params device=cpu", "Did you mean backend.device"),
     ("--model x --infer_backend transformers --model_path /m --infer_params backend.dtype=fp7",
      "backend.dtype: input should be 'auto', 'float32'"),
@@ -178,9 +179,9 @@ BAD = [
      "--model_path does not apply"),
     ("--model x --pretrained_model_type saas/openai --infer_backend vllm --infer_params saas.api_key=k saas.model=m",
      "--infer_backend does not apply"),
-    ("--model x --infer_backend llama_cpp --model_path /m.gguf --num_workers 0", "--num_workers must be between 1"),
-    ("--model x --infer_backend llama_cpp --model_path /m.gguf --num_workers -2", "--num_workers must be between 1"),
-    ("--model x --infer_backend llama_cpp --model_path /m.gguf --num_workers 100000", "--num_workers must be between 1"),
+    ("--model x --infer_backend llama_cpp --model_path /m.gguf --num_workers 0", "--num_workers must be from 1 to 256, got"),
+    ("--model x --infer_backend llama_cpp --model_path /m.gguf --num_workers -2", "--num_workers must be from 1 to 256, got"),
+    ("--model x --infer_backend llama_cpp --model_path /m.gguf --num_workers 100000", "--num_workers must be from 1 to 256, got"),
     ("--model x --infer_backend llama_cpp --model_path /m.gguf --num_workers two", "--num_workers must be a whole number"),
     ("--model x --infer_backend llama_cpp --model_path /m.gguf --num_workers 1.5", "--num_workers must be a whole number"),
     ("--model x --infer_backend llama_cpp --model_path /m.gguf --cpus_per_worker -1", "--cpus_per_worker must be 0 or more"),
@@ -231,7 +232,9 @@ def test_bad_yaml_keys_and_types_name_the_file(tmp_path):
         parse_args(["--file", str(path)], ENV)
 
 
-def test_every_flag_has_help_text():
-    assert all(text.strip() for text in FLAG_HELP.values())
+def test_every_flag_has_help_text_from_the_model():
+    assert all(f.description and f.description.strip() for f in DeployFlags.model_fields.values())
     assert {"model", "pretrained_model_type", "infer_backend", "model_path", "num_workers", "worker_concurrency",
-            "cpus_per_worker", "gpus_per_worker", "infer_params", "ray_address", "file"} <= set(FLAG_HELP)
+            "cpus_per_worker", "gpus_per_worker", "infer_params", "ray_address", "file"} <= set(DeployFlags.model_fields)
+    text = build_parser().format_help()
+    assert all(f"--{name}" in text for name in DeployFlags.model_fields)

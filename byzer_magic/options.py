@@ -1,0 +1,125 @@
+"""Every option a user sets, declared once: its type, default, range and help.
+
+`DeployFlags` are `%%byzer_deploy`'s and `byzer-magic deploy`'s flags and the
+keys of a `--file` YAML; `ServeFlags` are `%byzer_serve`'s and `byzer-magic
+serve`'s; `ChatOptions` are `%byzer_chat`'s and `byzer-magic chat`'s, and its
+`Sampling` part also bounds the OpenAI endpoint's requests. Parsers, `?` and
+`--help` texts, the YAML key check, defaults and the one-sentence errors are
+all read from these models (`option_args`), as llama-cpp-python's server reads
+its `Settings`: no other module writes a flag's default or range.
+
+Cross-flag rules (a backend that needs whole GPUs, `--model_path` for local
+backends) depend on the backend and stay in `spec`.
+"""
+from __future__ import annotations
+
+import keyword
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .backends import LOCAL_BACKENDS
+from .backends.base import GenParams
+
+MAX_WORKERS = 256
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+_FLAGS = ConfigDict(extra="forbid", protected_namespaces=(), coerce_numbers_to_str=True, allow_inf_nan=False)
+
+
+class DeployFlags(BaseModel):
+    """The flags of `byzerllm deploy`, typed; `infer_params` are checked by the backend's own model."""
+
+    model_config = _FLAGS
+
+    model: str = Field(description="the deployment's name, which chat, scale and undeploy take", examples=["my_chat"])
+    pretrained_model_type: str = Field(
+        "custom/auto",
+        description="saas/<provider>; custom/auto with --infer_backend; or a transformers model type: "
+                    "custom/bge, m3e, ... embed, any other name chats",
+    )
+    infer_backend: str | None = Field(
+        None, description=f"local backend: {', '.join(LOCAL_BACKENDS)} (a model type defaults to transformers)")
+    model_path: str | None = Field(None, description="local weights: a model directory, or a .gguf file for llama_cpp")
+    num_workers: int = Field(1, ge=1, le=MAX_WORKERS, description="workers, i.e. Ray Serve replicas")
+    worker_concurrency: int | None = Field(
+        None, ge=1, description="requests one worker takes at once: 1, but backend.max_num_seqs or 256 for vllm")
+    cpus_per_worker: float = Field(0.001, ge=0, description="Ray CPUs per worker, fractions allowed")
+    gpus_per_worker: float = Field(0.0, ge=0, description="Ray GPUs per worker")
+    infer_params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="key=value settings: saas.* for SaaS, backend.* for vllm/transformers/deepspeed, "
+                    "plain keys for llama_cpp",
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster to use; default RAY_ADDRESS, else the running one, else a local one")
+    file: str | None = Field(None, description="YAML file with the same keys; flags given here override it")
+    force: bool = Field(False, description="replace a deployment that already has this name")
+    deploy_timeout: float = Field(300.0, gt=0, description="seconds to wait for every worker to be ready",
+                                  json_schema_extra={"unit": "seconds"})
+
+    @field_validator("model")
+    @classmethod
+    def _a_name(cls, value: str) -> str:
+        if not NAME_PATTERN.match(value):
+            raise ValueError("is not a valid name: use letters, digits, '_', '-' or '.', "
+                             "start with a letter or digit, at most 64 characters")
+        return value
+
+
+class ServeFlags(BaseModel):
+    """Where the OpenAI-compatible endpoint listens and who may call it."""
+
+    model_config = _FLAGS
+
+    host: str = Field("127.0.0.1", description="address to listen on; 127.0.0.1 is this machine only, "
+                                               "0.0.0.0 opens it to the network")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port")
+    api_key: str | None = Field(None, description="require `Authorization: Bearer KEY` on every route but /health; "
+                                                  "${VAR} reads it from the environment")
+    stop: bool = Field(False, description="stop the endpoint (the deployments keep running)")
+    ray_address: str | None = Field(None, description="Ray cluster to use; default RAY_ADDRESS, else the running one")
+
+    @field_validator("api_key")
+    @classmethod
+    def _not_empty(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("is empty: give the key, or leave --api_key out to serve without one")
+        return value
+
+
+SERVE_DEFAULTS = ServeFlags()
+"""Where `%byzer_serve` listens when no flag says otherwise."""
+
+
+class Sampling(BaseModel):
+    """How one answer is generated, with the ranges OpenAI's API gives; None leaves it to the backend."""
+
+    temperature: float | None = Field(None, ge=0, le=2, description="sampling temperature; 0 is greedy")
+    top_p: float | None = Field(None, gt=0, le=1, description="sample only from the most likely tokens "
+                                                              "whose probabilities add up to this")
+    max_tokens: int | None = Field(None, ge=1, description="longest answer, in tokens")
+    seed: int | None = Field(None, description="seed for sampling, for backends that honour one")
+
+    def gen(self) -> GenParams:
+        return GenParams(self.temperature, self.max_tokens, self.top_p, self.seed)
+
+
+class ChatOptions(Sampling):
+    """`%byzer_chat`'s and `byzer-magic chat`'s options; `notebook_only` ones are the magic's alone."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    system: str | None = Field(None, description="system prompt placed before the question")
+    output: str | None = Field(None, description="keep the answer (a ChatResult) in this variable",
+                               json_schema_extra={"short": "-o", "metavar": "VAR", "notebook_only": True})
+    no_stream: bool = Field(False, description="print the answer once it is complete",
+                            json_schema_extra={"notebook_only": True})
+
+    @field_validator("output")
+    @classmethod
+    def _a_variable(cls, value: str | None) -> str | None:
+        if value is not None and (not value.isidentifier() or keyword.iskeyword(value)):
+            raise ValueError("is not a Python variable name")
+        return value

@@ -1,0 +1,37 @@
+"""Commands named in the words of the front end that shows the message.
+
+Messages are written once, in the notebook's words (`%byzer_undeploy NAME`,
+`%%byzer_deploy`, `%env VAR=...`), wherever they are built; the command line
+passes everything it prints through `for_shell`, which names its own commands
+instead (`byzer-magic undeploy NAME`). So a core function never needs to know
+who called it, and the magics keep their words. A mention followed by "in a
+notebook" names the notebook on purpose and is kept.
+"""
+from __future__ import annotations
+
+import re
+
+SHELL_COMMANDS = {
+    "deploy": "deploy",
+    "chat": "chat",
+    "embed": "embed",
+    "list": "list",
+    "status": "stat",
+    "scale": "scale",
+    "undeploy": "undeploy",
+    "serve": "serve",
+}
+"""Each magic (`%byzer_<key>`) and the `byzer-magic` command that does the same."""
+
+_MAGIC = re.compile(r"%%?byzer_(\w+)\b(?! in a notebook)")
+_ENV = re.compile(r"%env (\w+)=")
+
+
+def for_shell(text: str) -> str:
+    """The text with every magic it mentions named as the `byzer-magic` command that does the same."""
+
+    def command(match: re.Match) -> str:
+        verb = SHELL_COMMANDS.get(match.group(1))
+        return f"byzer-magic {verb}" if verb else match.group(0)
+
+    return _ENV.sub(r"export \1=", _MAGIC.sub(command, text))
