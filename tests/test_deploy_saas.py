@@ -98,6 +98,20 @@ def test_scale_up_and_down_while_requests_run_loses_none(deployed, clean_server)
     assert clean_server.stats()["requests"] == len(answers)
 
 
+def test_scale_to_zero_gives_the_workers_back_and_one_brings_a_worker_again(ray_head, clean_server):
+    deploy.deploy(saas_spec(clean_server, "napping", 1))
+    try:
+        down = deploy.scale("napping", 0)
+        assert (down.state, down.workers_ready, down.workers_wanted) == ("ready", 0, 0)
+        assert alive_replicas("napping") == []
+        assert "napping" in [row.name for row in deploy.list_deployments().rows]
+        up = deploy.scale("napping", 1)
+        assert up.workers_ready == 1 and len(alive_replicas("napping")) == 1
+        assert chat.chat("napping", "hi", GREEDY).text
+    finally:
+        deploy.undeploy("napping")
+
+
 def test_undeploy_removes_every_actor_and_the_name(ray_head, clean_server):
     deploy.deploy(saas_spec(clean_server, "gone_soon", 2))
     assert len(alive_replicas("gone_soon")) == 2
