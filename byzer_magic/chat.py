@@ -16,9 +16,10 @@ import logging
 import os
 import queue
 import socket
+import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Iterator, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Iterator, TextIO, TypeVar
 
 from . import metrics
 from .backends.base import Delta, Embeddings, GenParams, Messages
@@ -236,3 +237,18 @@ def chat(name: str, prompt: str | Messages, gen: GenParams | None = None, *, sys
     """Ask and wait for the whole answer."""
     messages = messages_for(prompt, system)
     return ChatResult.of(run_on_client_loop(acomplete(name, messages, gen)))
+
+
+def echo(name: str, messages: Messages, gen: GenParams | None = None, out: TextIO | None = None) -> ChatResult:
+    """Stream an answer onto `out` (stdout) as it comes, then a newline; the whole answer is returned.
+
+    The one print-as-it-streams loop of the cell magic and the command line.
+    """
+    out = out or sys.stdout
+    deltas = []
+    for delta in stream(name, messages, gen):
+        deltas.append(delta)
+        out.write(delta.text)
+        out.flush()
+    out.write("\n")
+    return ChatResult.of(deltas)

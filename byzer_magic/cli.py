@@ -160,10 +160,7 @@ def _chat(args: argparse.Namespace) -> int:
 
     connect(args.ray_address, embedded_ok=False)
     messages = chat_api.messages_for(" ".join(args.prompt), options.system)
-    for delta in chat_api.stream(args.name, messages, options.gen()):
-        sys.stdout.write(delta.text)
-        sys.stdout.flush()
-    print()
+    chat_api.echo(args.name, messages, options.gen())
     return 0
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import os
 import shlex
-import sys
 import time
 from typing import Any, Callable
 
@@ -175,13 +174,7 @@ class ByzerMagics(Magics, Configurable):
         messages = chat_api.messages_for(text.strip(), options.system)
         connect(self.ray_address, embedded_ok=False)
         if self.stream and not options.no_stream:
-            deltas = []
-            for delta in chat_api.stream(args.name, messages, options.gen()):
-                deltas.append(delta)
-                sys.stdout.write(delta.text)
-                sys.stdout.flush()
-            print()
-            result = chat_api.ChatResult.of(deltas)
+            result = chat_api.echo(args.name, messages, options.gen())
         else:
             result = chat_api.chat(args.name, messages, options.gen())
             print(result.text)
