@@ -180,7 +180,7 @@ def _serve(argv: list[str]) -> int:
     if args.stop:
         _say(gateway.stop())
     else:
-        _say(gateway.start(args.host, args.port, args.api_key))
+        _say(gateway.start(args.host, args.port, args.api_key, allowed_hosts=args.allowed_hosts, force=args.force))
     return 0
 
 

@@ -180,6 +180,7 @@ def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> Deployme
         # Workers run in other directories: a path relative to the notebook must not reach them as is.
         spec = replace(spec, model_path=str(Path(spec.model_path).expanduser().resolve()))
     connect(spec.ray_address)
+    _refuse_foreign(spec.name)
     existing = status(spec.name)
     if existing.state != "stopped":
         if not spec.force:
@@ -200,6 +201,16 @@ def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> Deployme
         if isinstance(exc, DeployError):
             raise DeployError(redact(str(exc), spec.secrets())) from None
         raise
+
+
+def _refuse_foreign(name: str) -> None:
+    """A Serve application that byzer_magic did not deploy is never replaced, --force or not."""
+    app = serve_details().get("applications", {}).get(name)
+    if app is not None and _ours(app) is None:
+        raise DeployError(
+            f"a Serve application named {name!r} runs on this cluster and was not deployed by byzer_magic; it is "
+            f"left alone: pick another --model"
+        )
 
 
 def _wait(name: str, workers: int, deadline: float, on_progress: Progress | None, timeout_flag: str) -> DeploymentStatus:

@@ -272,7 +272,8 @@ class ByzerMagics(Magics, Configurable):
         ray_address = args.ray_address or self.ray_address
         if args.stop:
             return gateway.stop(ray_address=ray_address)
-        return gateway.start(args.host, args.port, args.api_key, ray_address=ray_address)
+        return gateway.start(args.host, args.port, args.api_key, allowed_hosts=args.allowed_hosts, force=args.force,
+                             ray_address=ray_address)
 
     byzer_serve.__doc__ = f"""Serve every deployment at one OpenAI-compatible URL, from the cluster.
 

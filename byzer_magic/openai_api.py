@@ -272,8 +272,27 @@ def key_digest(api_key: str | None) -> str | None:
     return hashlib.sha256(api_key.encode()).hexdigest() if api_key else None
 
 
-def build_app(deployments: Deployments, *, key_digest: str | None = None) -> Any:
-    """The ASGI app: FastAPI routes wrapped in the bearer check."""
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def trusted_hosts(host: str, extra: str | None = None) -> list[str] | None:
+    """Host header values the endpoint answers to; None accepts any.
+
+    Bound to loopback, only this machine's own names: a web page the user opens
+    cannot reach it by pointing a DNS name at 127.0.0.1 (DNS rebinding). Bound
+    to one address, that address too; bound to every interface, any Host,
+    unless --allowed_hosts names them. The key is required either way.
+    """
+    named = [h.strip() for h in (extra or "").split(",") if h.strip()]
+    if host in LOOPBACK_NAMES:
+        return [*LOOPBACK_NAMES, *named]
+    if host in ("0.0.0.0", "::"):
+        return [*LOOPBACK_NAMES, host, *named] if named else None
+    return [*LOOPBACK_NAMES, host, *named]
+
+
+def build_app(deployments: Deployments, *, key_digest: str | None = None, allowed_hosts: list[str] | None = None) -> Any:
+    """The ASGI app: FastAPI routes wrapped in the bearer check, behind Starlette's Host header check."""
     app = FastAPI(title="byzer_magic OpenAI-compatible API", version="1", docs_url=None, redoc_url=None)
     metrics = _Metrics()
 
@@ -451,4 +470,8 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None) -> Any
         metrics.observe(body.model, "embeddings", 200, started, [], None)
         return _json(CreateEmbeddingResponse.model_construct(object="list", model=body.model, data=data, usage=usage))
 
+    if allowed_hosts is not None:
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
     return BearerAuth(app, key_digest)

@@ -23,6 +23,8 @@ from .backends import LOCAL_BACKENDS
 from .backends.base import GenParams
 
 MAX_WORKERS = 256
+RESERVED_NAME = "byzer_openai"
+"""The Serve application of the OpenAI endpoint; no deployment may take (and so replace) it."""
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 _FLAGS = ConfigDict(extra="forbid", protected_namespaces=(), coerce_numbers_to_str=True, allow_inf_nan=False)
@@ -65,6 +67,8 @@ class DeployFlags(BaseModel):
         if not NAME_PATTERN.match(value):
             raise ValueError("is not a valid name: use letters, digits, '_', '-' or '.', "
                              "start with a letter or digit, at most 64 characters")
+        if value == RESERVED_NAME:
+            raise ValueError("is the name of the OpenAI endpoint (%byzer_serve): pick another name")
         return value
 
 
@@ -76,8 +80,12 @@ class ServeFlags(BaseModel):
     host: str = Field("127.0.0.1", description="address to listen on; 127.0.0.1 is this machine only, "
                                                "0.0.0.0 opens it to the network")
     port: int = Field(8000, ge=1, le=65535, description="TCP port")
-    api_key: str | None = Field(None, description="require `Authorization: Bearer KEY` on every route but /health; "
-                                                  "${VAR} reads it from the environment")
+    api_key: str | None = Field(None, description="the key every route but /health requires (`Authorization: Bearer "
+                                                  "KEY`); ${VAR} reads it from the environment; default: a key made "
+                                                  "once and kept in ~/.byzer_magic/endpoint_key")
+    allowed_hosts: str | None = Field(None, description="comma-separated Host header values to accept besides this "
+                                                        "machine's loopback names (for a proxy or a DNS name)")
+    force: bool = Field(False, description="replace a running endpoint even where the new one is less protected")
     stop: bool = Field(False, description="stop the endpoint (the deployments keep running)")
     ray_address: str | None = Field(None, description="Ray cluster to use; default RAY_ADDRESS, else the running one")
 
@@ -85,7 +93,8 @@ class ServeFlags(BaseModel):
     @classmethod
     def _not_empty(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
-            raise ValueError("is empty: give the key, or leave --api_key out to serve without one")
+            raise ValueError("is empty (a shell may have expanded an unset variable): give the key, or leave "
+                             "--api_key out to use the one kept in ~/.byzer_magic/endpoint_key")
         return value
 
 

@@ -24,6 +24,8 @@ import pytest
 from byzer_magic.tinymodel import TinyModel, build
 
 ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("BYZER_MAGIC_HOME", tempfile.mkdtemp(prefix="byzer-home-"))
+"""The endpoint's generated key goes to a folder of the test run's, not the user's home."""
 
 
 def free_port() -> int:

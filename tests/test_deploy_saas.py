@@ -112,6 +112,26 @@ def test_scale_to_zero_gives_the_workers_back_and_one_brings_a_worker_again(ray_
         deploy.undeploy("napping")
 
 
+def test_a_serve_app_byzer_magic_did_not_deploy_is_never_replaced(ray_head, clean_server):
+    from ray import serve
+
+    @serve.deployment(name="Theirs")
+    class Theirs:
+        def __call__(self) -> str:
+            return "theirs"
+
+    serve.run(Theirs.bind(), name="someone_elses", route_prefix=None)
+    try:
+        for force in ("", " --force"):
+            spec = parse_spec(f"--pretrained_model_type saas/openai --infer_params saas.api_key=k saas.model=m "
+                              f"saas.base_url={clean_server.base_url} --model someone_elses{force}")
+            with pytest.raises(DeployError, match="was not deployed by byzer_magic; it is left alone"):
+                deploy.deploy(spec)
+        assert serve.status().applications["someone_elses"].status == "RUNNING"
+    finally:
+        serve.delete("someone_elses")
+
+
 def test_undeploy_removes_every_actor_and_the_name(ray_head, clean_server):
     deploy.deploy(saas_spec(clean_server, "gone_soon", 2))
     assert len(alive_replicas("gone_soon")) == 2

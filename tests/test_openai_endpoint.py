@@ -16,6 +16,7 @@ import pytest
 
 from byzer_magic import chat, deploy, gateway
 from byzer_magic.backends.base import GenParams
+from byzer_magic.endpoint_key import endpoint_key
 from byzer_magic.errors import DeployError
 
 from .conftest import ROOT, alive_replicas, free_port
@@ -219,12 +220,37 @@ def test_cli_serve_and_stop(served, ray_head):
     try:
         started = cli("serve", "--port", str(port))
         assert started.returncode == 0 and f"http://127.0.0.1:{port}/v1" in started.stdout
-        assert http(f"http://127.0.0.1:{port}/v1/models")[0] == 200
+        assert endpoint_key() not in started.stdout + started.stderr
+        assert http(f"http://127.0.0.1:{port}/v1/models")[0] == 401
+        assert http(f"http://127.0.0.1:{port}/v1/models", key=endpoint_key())[0] == 200
         bad = cli("serve", "--prot", "9000")
         assert bad.returncode == 2 and "Did you mean --port?" in bad.stderr
         stopped = cli("serve", "--stop")
         assert stopped.returncode == 0 and "stopped" in stopped.stdout
         assert gateway.endpoint() is None
+    finally:
+        gateway.start(served.host, served.port, KEY)
+
+
+def test_a_plain_serve_is_closed_keeps_its_key_and_checks_the_host(served):
+    """No key given: the user's own kept key is required; a second plain serve keeps the first; a foreign Host is refused."""
+    port = free_port()
+    try:
+        first = gateway.start("127.0.0.1", port)
+        assert first.auth and first.generated_key and endpoint_key() not in repr(first)
+        url = f"http://127.0.0.1:{port}/v1/models"
+        assert http(url)[0] == 401
+        assert http(url, key=endpoint_key())[0] == 200
+        replica = alive_replicas(gateway.GATEWAY_APP)
+        again = gateway.start("127.0.0.1", port)
+        assert again == first and alive_replicas(gateway.GATEWAY_APP) == replica, "a plain repeat must not replace it"
+        rebound = urllib.request.Request(url, headers={"Host": "attacker.example", "Authorization": f"Bearer {endpoint_key()}"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(rebound, timeout=30)
+        assert refused.value.code == 400
+        with pytest.raises(DeployError, match="open it to the network: add --force"):
+            gateway.start("0.0.0.0", port)
+        assert http(url, key=endpoint_key())[0] == 200
     finally:
         gateway.start(served.host, served.port, KEY)
 

@@ -189,6 +189,7 @@ BAD = [
     ("--model x --infer_backend vllm --model_path /m --gpus_per_worker 2.5", "vllm needs whole GPUs"),
     ("--model x --infer_backend llama_cpp --model_path /m.gguf --worker_concurrency 0", "--worker_concurrency must be 1"),
     ("--model 'has space' --infer_backend llama_cpp --model_path /m.gguf", "not a valid name"),
+    ("--model byzer_openai --infer_backend llama_cpp --model_path /m.gguf", "is the name of the OpenAI endpoint"),
     ("--model 'x;rm -rf' --infer_backend llama_cpp --model_path /m.gguf", "not a valid name"),
     ("--model x --num_wokers 2", "unknown flag --num_wokers. Did you mean --num_workers"),
     ("--model x --num 2", "unknown flag --num"),
