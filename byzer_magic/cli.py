@@ -70,8 +70,31 @@ def _without_iri_grammar() -> None:
     sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[arg-type]
 
 
+def _hide_secrets(argv: list[str]) -> None:
+    """Take literal secrets out of this process's command line before anything records it.
+
+    A shell expands `saas.api_key=${KEY}` before the command starts, so the key
+    sits in argv: `ps` shows it, and Ray copies sys.argv into its job table
+    (`ray list jobs`, the dashboard) for the life of the cluster when a driver
+    connects. The parsed flags keep the values; what `ps` and Ray see is ***.
+    """
+    from .errors import redact
+    from .flags import secrets_in
+
+    secrets = secrets_in(argv)
+    if not secrets:
+        return
+    sys.argv[1:] = [redact(token, secrets) for token in argv]
+    try:
+        import setproctitle
+    except ImportError:
+        return
+    setproctitle.setproctitle(" ".join(["byzer-magic", *sys.argv[1:]]))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _hide_secrets(argv)
     _without_iri_grammar()
     if argv[:1] in (["deploy"], ["serve"]):
         args = argparse.Namespace(command=argv[0], flags=argv[1:])

@@ -62,12 +62,14 @@ def split_cell(text: str) -> list[str]:
 
 
 def secrets_in(tokens: Sequence[str]) -> list[str]:
-    """Literal values of secret-looking keys (api_key=..., token=...), to redact from errors."""
+    """Literal secrets in argv: values of secret-looking keys (api_key=..., --api_key K), to redact."""
     found = []
-    for token in tokens:
+    for before, token in zip(["", *tokens], tokens):
         key, sep, value = token.partition("=")
         if sep and SECRET_KEY.search(key) and value and not _ENV_VAR.fullmatch(value):
             found.append(value)
+        elif before.startswith("--") and SECRET_KEY.search(before) and "=" not in before and token:
+            found.append(token)
     return found
 
 
