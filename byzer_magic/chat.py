@@ -112,7 +112,7 @@ async def _publish_outstanding() -> None:
     while True:
         await asyncio.sleep(1.0)
         now = dict(_outstanding)
-        due = {name: count for name, count in now.items() if count or sent.get(name)}
+        due = {name: now.get(name, 0) for name in {*now, *sent}}
         if due:
             try:
                 await asyncio.to_thread(metrics.publish_outstanding, _CALLER, due)
@@ -132,6 +132,8 @@ def _counted(name: str):
         yield
     finally:
         _outstanding[name] -= 1
+        if not _outstanding[name]:
+            del _outstanding[name]  # names asked for once (unknown ones too) must not stay for good
 
 
 async def astream(name: str, messages: Messages | str, gen: GenParams | None = None) -> AsyncIterator[Delta]:

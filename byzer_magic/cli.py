@@ -203,7 +203,8 @@ def _serve(argv: list[str]) -> int:
     if args.stop:
         _say(gateway.stop())
     else:
-        _say(gateway.start(args.host, args.port, args.api_key, allowed_hosts=args.allowed_hosts, force=args.force))
+        _say(gateway.start(args.host, args.port, args.api_key, allowed_hosts=args.allowed_hosts, force=args.force,
+                          max_body_mb=args.max_body_mb))
     return 0
 
 

@@ -72,7 +72,8 @@ def _listen(host: str, port: int) -> socket.socket:
 class Gateway:
     """The Serve replica that hosts the HTTP server."""
 
-    async def __init__(self, host: str, port: int, digest: str | None, allowed_hosts: list[str] | None = None):
+    async def __init__(self, host: str, port: int, digest: str | None, allowed_hosts: list[str] | None = None,
+                       max_body_bytes: int = 16 << 20):
         import uvicorn
 
         class Server(uvicorn.Server):
@@ -83,7 +84,7 @@ class Gateway:
 
         sock = _listen(host, port)
         config = uvicorn.Config(
-            build_app(_ServeDeployments(), key_digest=digest, allowed_hosts=allowed_hosts),
+            build_app(_ServeDeployments(), key_digest=digest, allowed_hosts=allowed_hosts, max_body_bytes=max_body_bytes),
             log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2,
         )
         self._server = Server(config)
@@ -160,6 +161,7 @@ def start(
     *,
     allowed_hosts: str | None = None,
     force: bool = False,
+    max_body_mb: float = SERVE_DEFAULTS.max_body_mb,
     ray_address: str | None = None,
     timeout: float = 60.0,
 ) -> Endpoint:
@@ -196,7 +198,7 @@ def start(
         max_constructor_retry_count=1,
         health_check_period_s=2,
         graceful_shutdown_timeout_s=5,
-    ).bind(host, port, key_digest(api_key), trusted_hosts(host, allowed_hosts))
+    ).bind(host, port, key_digest(api_key), trusted_hosts(host, allowed_hosts), int(max_body_mb * 2**20))
     deadline = time.monotonic() + timeout
     try:
         _run(app, _blocking=False, name=GATEWAY_APP, route_prefix=None)

@@ -273,7 +273,7 @@ class ByzerMagics(Magics, Configurable):
         if args.stop:
             return gateway.stop(ray_address=ray_address)
         return gateway.start(args.host, args.port, args.api_key, allowed_hosts=args.allowed_hosts, force=args.force,
-                             ray_address=ray_address)
+                             max_body_mb=args.max_body_mb, ray_address=ray_address)
 
     byzer_serve.__doc__ = f"""Serve every deployment at one OpenAI-compatible URL, from the cluster.
 

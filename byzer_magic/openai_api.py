@@ -75,7 +75,7 @@ class StreamOptions(_Lenient):
 
 
 class _Generation(Sampling, _Lenient):
-    model: str = Field(min_length=1, description="a deployment's name, as %byzer_list shows it")
+    model: str = Field(min_length=1, max_length=64, description="a deployment's name, as %byzer_list shows it")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -106,7 +106,7 @@ class CompletionRequest(_Generation):
 
 
 class EmbeddingRequest(_Lenient):
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=64)
     input: str | list[str] = Field(description="a text, or a list of at most 2048 texts")
     encoding_format: Literal["float", "base64"] = "float"
 
@@ -267,6 +267,54 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """A request body over the limit is answered 413 before it is read (Content-Length) or as soon as it is."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def limited() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise _TooLarge
+            return message
+
+        async def watched(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited, watched)
+        except _TooLarge:
+            if not started:
+                await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: dict, receive: Callable, send: Callable) -> None:
+        mib = self.max_bytes / 2**20
+        error = ApiError(413, f"the request body is over {mib:g} MiB (the endpoint's --max_body_mb)",
+                         "invalid_request_error", code="request_too_large")
+        await error.response()(scope, receive, send)
+
+
 def key_digest(api_key: str | None) -> str | None:
     """What the gateway keeps of the key (see BearerAuth)."""
     return hashlib.sha256(api_key.encode()).hexdigest() if api_key else None
@@ -291,8 +339,9 @@ def trusted_hosts(host: str, extra: str | None = None) -> list[str] | None:
     return [*LOOPBACK_NAMES, host, *named]
 
 
-def build_app(deployments: Deployments, *, key_digest: str | None = None, allowed_hosts: list[str] | None = None) -> Any:
-    """The ASGI app: FastAPI routes wrapped in the bearer check, behind Starlette's Host header check."""
+def build_app(deployments: Deployments, *, key_digest: str | None = None, allowed_hosts: list[str] | None = None,
+              max_body_bytes: int = 16 << 20) -> Any:
+    """The ASGI app: FastAPI routes behind Starlette's Host header check, the bearer check and a body limit."""
     app = FastAPI(title="byzer_magic OpenAI-compatible API", version="1", docs_url=None, redoc_url=None)
     metrics = _Metrics()
 
@@ -474,4 +523,4 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None, allowe
         from starlette.middleware.trustedhost import TrustedHostMiddleware
 
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
-    return BearerAuth(app, key_digest)
+    return BodyLimit(BearerAuth(app, key_digest), max_body_bytes)

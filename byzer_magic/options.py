@@ -86,6 +86,8 @@ class ServeFlags(BaseModel):
     allowed_hosts: str | None = Field(None, description="comma-separated Host header values to accept besides this "
                                                         "machine's loopback names (for a proxy or a DNS name)")
     force: bool = Field(False, description="replace a running endpoint even where the new one is less protected")
+    max_body_mb: float = Field(16.0, gt=0, le=1024, description="largest request body, in MiB; a larger one gets 413 "
+                                                                "before it is read")
     stop: bool = Field(False, description="stop the endpoint (the deployments keep running)")
     ray_address: str | None = Field(None, description="Ray cluster to use; default RAY_ADDRESS, else the running one")
 

@@ -255,6 +255,44 @@ def test_a_plain_serve_is_closed_keeps_its_key_and_checks_the_host(served):
         gateway.start(served.host, served.port, KEY)
 
 
+def _gateway_rss_mib() -> float:
+    import psutil
+
+    found = [p for p in psutil.process_iter(["cmdline"]) if "ServeReplica:byzer_openai" in " ".join(p.info["cmdline"] or [])]
+    assert len(found) == 1, "one gateway process"
+    return found[0].memory_info().rss / 2**20
+
+
+def test_a_40_mib_body_is_refused_before_it_is_read(served):
+    import socket
+    import time
+
+    before = _gateway_rss_mib()
+    started = time.monotonic()
+    with socket.create_connection((served.host, served.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 41943040\r\n\r\n")
+        answer = sock.recv(65536).decode()
+    took = time.monotonic() - started
+    assert answer.startswith("HTTP/1.1 413") and "request_too_large" in answer and took < 1.0, (answer[:200], took)
+    assert _gateway_rss_mib() - before < 50
+
+
+def test_unknown_and_oversized_model_names_leave_the_gateways_memory_flat(served):
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = f"{served.url}/chat/completions"
+    huge = http(url, {"model": "m" * 100_000, "messages": HELLO}, key=KEY)
+    assert huge[0] == 400 and huge[1]["error"]["param"] == "model"
+    http(url, {"model": "warm_up_unknown", "messages": HELLO}, key=KEY)
+    before = _gateway_rss_mib()
+    with ThreadPoolExecutor(16) as pool:
+        codes = set(pool.map(lambda i: http(url, {"model": f"unknown_{i:05d}_" + "x" * 40, "messages": HELLO},
+                                              key=KEY)[0], range(2000)))
+    assert codes == {404}
+    assert _gateway_rss_mib() - before < 20
+
+
 def test_schemathesis_finds_no_request_that_crashes_it(served):
     """Every operation of the published OpenAPI schema, fuzzed within a bounded budget."""
     import hypothesis
