@@ -83,8 +83,10 @@ def forget(name: str) -> None:
 def _unwrap(name: str, exc: BaseException) -> BaseException:
     """Turn what Ray raises into the readable error the worker meant."""
     from ray.exceptions import RayActorError, RayTaskError
-    from ray.serve.exceptions import DeploymentUnavailableError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+    if isinstance(exc, BackPressureError):
+        return BackendError("queue", 503, f"{name!r} has a full queue (its --max_queued_requests); try again shortly")
     if isinstance(exc, DeploymentUnavailableError):
         forget(name)
         return NotDeployedError(f"{name!r} is no longer deployed (it was removed, perhaps from another kernel)")

@@ -150,7 +150,7 @@ def worker_options(spec: DeploySpec) -> dict[str, Any]:
     return dict(
         num_replicas=spec.num_workers,
         max_ongoing_requests=spec.worker_concurrency,
-        max_queued_requests=-1,
+        max_queued_requests=spec.max_queued_requests,
         ray_actor_options={
             "num_cpus": spec.cpus_per_worker,
             "num_gpus": spec.gpus_per_worker,

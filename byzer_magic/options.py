@@ -47,6 +47,9 @@ class DeployFlags(BaseModel):
     num_workers: int = Field(1, ge=1, le=MAX_WORKERS, description="workers, i.e. Ray Serve replicas")
     worker_concurrency: int | None = Field(
         None, ge=1, description="requests one worker takes at once: 1, but backend.max_num_seqs or 256 for vllm")
+    max_queued_requests: int = Field(
+        1024, ge=-1, description="requests a caller may queue for this deployment beyond what its workers hold; "
+                                 "past it a request is refused at once (503); -1: no limit")
     cpus_per_worker: float = Field(0.001, ge=0, description="Ray CPUs per worker, fractions allowed")
     gpus_per_worker: float = Field(0.0, ge=0, description="Ray GPUs per worker")
     infer_params: dict[str, Any] = Field(

@@ -46,6 +46,7 @@ class DeploySpec:
     ray_address: str | None = None
     force: bool = default_of(DeployFlags, "force")
     deploy_timeout: float = default_of(DeployFlags, "deploy_timeout")
+    max_queued_requests: int = default_of(DeployFlags, "max_queued_requests")
 
     @property
     def info(self) -> BackendInfo:
@@ -172,6 +173,7 @@ def _build(flags: Flags) -> DeploySpec:
         ray_address=f.ray_address or None,
         force=f.force,
         deploy_timeout=f.deploy_timeout,
+        max_queued_requests=f.max_queued_requests,
     )
 
 

@@ -132,6 +132,34 @@ def test_a_serve_app_byzer_magic_did_not_deploy_is_never_replaced(ray_head, clea
         serve.delete("someone_elses")
 
 
+def test_a_full_queue_refuses_at_once_instead_of_waiting(ray_head, clean_server):
+    import time
+
+    spec = parse_spec(f"--pretrained_model_type saas/openai --infer_params saas.api_key=k saas.model=m "
+                      f"saas.base_url={clean_server.base_url} --max_queued_requests 2 --model short_queue")
+    deploy.deploy(spec)
+    try:
+        clean_server.control(delay=1.0, reset=True)
+        outcomes: list = []
+
+        def ask() -> None:
+            started = time.monotonic()
+            try:
+                chat.chat("short_queue", "hi", GREEDY)
+                outcomes.append(("answered", time.monotonic() - started))
+            except BackendError as exc:
+                outcomes.append((str(exc), time.monotonic() - started))
+
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(lambda _: ask(), range(6)))
+        refused = [took for what, took in outcomes if "full queue" in what and "503" in what]
+        assert len(refused) >= 2 and max(refused) < 0.9, outcomes
+        assert sum(what == "answered" for what, _ in outcomes) + len(refused) == 6
+    finally:
+        clean_server.control(delay=0.0)
+        deploy.undeploy("short_queue")
+
+
 def test_undeploy_removes_every_actor_and_the_name(ray_head, clean_server):
     deploy.deploy(saas_spec(clean_server, "gone_soon", 2))
     assert len(alive_replicas("gone_soon")) == 2
