@@ -122,11 +122,9 @@ def test_a_serve_app_byzer_magic_did_not_deploy_is_never_replaced(ray_head, clea
 
     serve.run(Theirs.bind(), name="someone_elses", route_prefix=None)
     try:
-        for force in ("", " --force"):
-            spec = parse_spec(f"--pretrained_model_type saas/openai --infer_params saas.api_key=k saas.model=m "
-                              f"saas.base_url={clean_server.base_url} --model someone_elses{force}")
+        for force in ("", "--force"):
             with pytest.raises(DeployError, match="was not deployed by byzer_magic; it is left alone"):
-                deploy.deploy(spec)
+                deploy.deploy(saas_spec(clean_server, "someone_elses", 1, extra=force))
         assert serve.status().applications["someone_elses"].status == "RUNNING"
     finally:
         serve.delete("someone_elses")
@@ -135,9 +133,7 @@ def test_a_serve_app_byzer_magic_did_not_deploy_is_never_replaced(ray_head, clea
 def test_a_full_queue_refuses_at_once_instead_of_waiting(ray_head, clean_server):
     import time
 
-    spec = parse_spec(f"--pretrained_model_type saas/openai --infer_params saas.api_key=k saas.model=m "
-                      f"saas.base_url={clean_server.base_url} --max_queued_requests 2 --model short_queue")
-    deploy.deploy(spec)
+    deploy.deploy(saas_spec(clean_server, "short_queue", 1, extra="--max_queued_requests 2"))
     try:
         clean_server.control(delay=1.0, reset=True)
         outcomes: list = []
