@@ -116,6 +116,7 @@ class ByzerMagics(Magics, Configurable):
     def __init__(self, shell: Any = None, **kwargs: Any):
         Configurable.__init__(self, config=shell.config if shell else None)
         Magics.__init__(self, shell=shell, **kwargs)
+        self._live_cards: dict[str, StatusCard] = {}
 
     @cell_magic
     @_friendly
@@ -231,6 +232,14 @@ class ByzerMagics(Magics, Configurable):
         return getattr(self.shell, "kernel", None) is not None
 
     def _card(self, status: DeploymentStatus) -> StatusCard:
+        """A live card; an earlier card of the same deployment in this kernel stops polling (re-run cells)."""
+        earlier = self._live_cards.pop(status.name, None)
+        if earlier is not None:
+            earlier.stop_updates()
+        card = self._live_cards[status.name] = self._new_card(status)
+        return card
+
+    def _new_card(self, status: DeploymentStatus) -> StatusCard:
         return StatusCard(
             status,
             fetch=lambda name: deploy_api.status(name, with_metrics=True),
