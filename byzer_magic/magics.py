@@ -44,6 +44,11 @@ def _friendly(method: Callable) -> Callable:
             if not self.short_errors:
                 raise
             raise UsageError(str(exc)) from None
+        except KeyboardInterrupt:
+            if not self.short_errors:
+                raise
+            # One line instead of a traceback; a deploy has already deleted itself and a chat cancelled its request.
+            raise UsageError(f"%{method.__name__} interrupted") from None
 
     return wrapper
 
