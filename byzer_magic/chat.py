@@ -145,20 +145,32 @@ async def astream(name: str, messages: Messages | str, gen: GenParams | None = N
     """
     handle = _handle(name)
     with _counted(name):
+        response = handle.options(stream=True).chat.remote(messages, gen or GenParams())
+        finished = False
         try:
-            async for delta in handle.options(stream=True).chat.remote(messages, gen or GenParams()):
+            async for delta in response:
                 yield delta
+            finished = True
         except _ray_errors() as exc:
+            finished = True
             raise _unwrap(name, exc) from None
+        finally:
+            if not finished:
+                # A caller that left (a closed stream, a cancelled task) cancels the request, queued or running.
+                response.cancel()
 
 
 async def acomplete(name: str, messages: Messages | str, gen: GenParams | None = None) -> list[Delta]:
     """The whole answer as deltas, in one round trip; must run on the client loop."""
     with _counted(name):
+        response = _handle(name).complete.remote(messages, gen or GenParams())
         try:
-            return await _handle(name).complete.remote(messages, gen or GenParams())
+            return await response
         except _ray_errors() as exc:
             raise _unwrap(name, exc) from None
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
 
 
 async def aembed(name: str, texts: list[str]) -> Embeddings:

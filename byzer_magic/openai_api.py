@@ -8,13 +8,15 @@ Deployments are reached only through `Deployments`, so no Ray code lives here.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable, Literal, Protocol
+from typing import Any, AsyncIterator, Awaitable, Callable, Literal, Protocol, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -339,6 +341,38 @@ def trusted_hosts(host: str, extra: str | None = None) -> list[str] | None:
     return [*LOOPBACK_NAMES, host, *named]
 
 
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The caller closed its connection before its answer began."""
+
+
+async def _disconnected(http: Request) -> None:
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_gone(http: Request, work: Awaitable[T]) -> T:
+    """Await work unless the client disconnects first; then cancel it, so a queued request never reaches a backend.
+
+    Starlette notices a disconnect only once a response streams; before that
+    (queued behind busy workers, or a whole non-streamed answer) nothing would.
+    """
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(http))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    raise ClientGone
+
+
 def build_app(deployments: Deployments, *, key_digest: str | None = None, allowed_hosts: list[str] | None = None,
               max_body_bytes: int = 16 << 20) -> Any:
     """The ASGI app: FastAPI routes behind Starlette's Host header check, the bearer check and a body limit."""
@@ -411,16 +445,22 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None, allowe
         metrics.observe(model, route, error.status, started, [], error)
         return error.response()
 
-    async def answer(route: str, body: _Generation, request: Messages | str, make: Callable, chunk: Callable) -> Response:
+    async def answer(route: str, body: _Generation, request: Messages | str, make: Callable, chunk: Callable,
+                     http: Request) -> Response:
         started = time.perf_counter()
         gen = body.gen()
+        stream: AsyncIterator[Delta] | None = None
         try:
             if not body.stream:
-                deltas = await deployments.complete(body.model, request, gen)
+                deltas = await _unless_gone(http, deployments.complete(body.model, request, gen))
                 metrics.observe(body.model, route, 200, started, deltas, None)
                 return _json(make(deltas))
             stream = deployments.stream(body.model, request, gen)
-            first = await anext(stream, None)
+            first = await _unless_gone(http, anext(stream, None))
+        except ClientGone:
+            if stream is not None:
+                await stream.aclose()
+            return Response(status_code=499)
         except Exception as exc:
             return await _refused_request(body.model, route, started, exc)
         return StreamingResponse(
@@ -453,7 +493,7 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None, allowe
             metrics.observe(body.model, route, error.status if error else 200, started, seen, error)
 
     @app.post("/v1/chat/completions", responses=_MODEL_ERRORS)
-    async def chat_completions(body: ChatRequest) -> Response:
+    async def chat_completions(body: ChatRequest, http: Request) -> Response:
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def make(deltas: list[Delta]) -> ChatCompletion:
@@ -473,10 +513,10 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None, allowe
             return ChatCompletionChunk(id=ident, object="chat.completion.chunk", created=created, model=body.model,
                                        choices=choices, usage=usage)
 
-        return await answer("chat", body, [m.as_dict() for m in body.messages], make, chunk)
+        return await answer("chat", body, [m.as_dict() for m in body.messages], make, chunk, http)
 
     @app.post("/v1/completions", responses=_MODEL_ERRORS)
-    async def completions(body: CompletionRequest) -> Response:
+    async def completions(body: CompletionRequest, http: Request) -> Response:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             return ApiError(400, "prompt: send one prompt per request", "invalid_request_error", "prompt").response()
@@ -499,7 +539,7 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None, allowe
             return Completion.model_construct(id=ident, object="text_completion", created=created,
                                               model=body.model, choices=[choice])
 
-        return await answer("completions", body, prompts[0], make, chunk)
+        return await answer("completions", body, prompts[0], make, chunk, http)
 
     @app.post("/v1/embeddings", responses=_MODEL_ERRORS)
     async def embeddings(body: EmbeddingRequest) -> Response:

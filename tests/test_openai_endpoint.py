@@ -293,6 +293,35 @@ def test_unknown_and_oversized_model_names_leave_the_gateways_memory_flat(served
     assert _gateway_rss_mib() - before < 20
 
 
+def test_clients_that_give_up_while_queued_never_reach_the_provider(served, openai_server):
+    """One request holds ep_saas's only worker; ten more queue behind it and hang up: none reaches the provider."""
+    import socket
+    import threading
+    import time
+
+    body = json.dumps({"model": "ep_saas", "messages": HELLO, "max_tokens": 2, "stream": True}).encode()
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+               + b"\r\n\r\n" + body)
+    openai_server.control(delay=2.0, reset=True)
+    try:
+        busy = threading.Thread(target=http, args=(f"{served.url}/chat/completions",
+                                                   {"model": "ep_saas", "messages": HELLO, "max_tokens": 2}, KEY))
+        busy.start()
+        time.sleep(0.5)
+        quitters = [socket.create_connection((served.host, served.port), timeout=10) for _ in range(10)]
+        for sock in quitters:
+            sock.sendall(request)
+        time.sleep(0.5)
+        for sock in quitters:
+            sock.close()
+        busy.join(30)
+        time.sleep(3.0)
+        assert openai_server.stats()["requests"] == 1
+    finally:
+        openai_server.control(delay=0.0)
+
+
 def test_schemathesis_finds_no_request_that_crashes_it(served):
     """Every operation of the published OpenAPI schema, fuzzed within a bounded budget."""
     import hypothesis
