@@ -200,11 +200,12 @@ def task_of(model_type: str) -> str:
 
 def _backend_for(model_type: str, infer_backend: str | None) -> tuple[type[Backend], str | None]:
     """The backend a model type and --infer_backend mean, and the provider a `saas/...`-like type names."""
-    every = backends.every()
-    local = [b.name for b in every if b.model_type_prefix is None]
-    if infer_backend is not None and infer_backend not in local:
+    if infer_backend is not None and backends.chosen(infer_backend) is None:
+        local = backends.local()
         hint = did_you_mean(str(infer_backend), local)
         raise SpecError(f"--infer_backend {infer_backend!r} is not a backend.{hint} Valid: {', '.join(local)}")
+    every = backends.every()
+    local = [b.name for b in every if b.model_type_prefix is None]
     for kind in every:
         if kind.model_type_prefix and model_type.startswith(kind.model_type_prefix):
             provider = kind.provider_of(model_type)

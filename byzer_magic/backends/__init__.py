@@ -10,6 +10,7 @@ only when a backend is constructed, so listing never costs a torch import.
 from __future__ import annotations
 
 import importlib
+import warnings
 from importlib.metadata import entry_points
 
 from ..errors import SpecError
@@ -42,6 +43,7 @@ def _scan() -> dict[str, str]:
 def _known(refresh: bool = False) -> dict[str, str]:
     global _targets
     if _targets is None or refresh:
+        importlib.invalidate_caches()
         _targets = _scan()
     return _targets
 
@@ -64,8 +66,29 @@ def find(name: str) -> type[Backend]:
 
 
 def every() -> list[type[Backend]]:
-    """Every backend class, imported (cheap: a backend's library loads only when it is constructed)."""
-    return [find(name) for name in names()]
+    """Every backend class, imported (cheap: a backend's library loads only when it is constructed).
+
+    A plugin that cannot be imported (uninstalled since it was listed, or
+    broken) is left out with a warning, so it cannot stop the built-ins.
+    """
+    found = []
+    for name in names():
+        try:
+            found.append(find(name))
+        except (ImportError, AttributeError, SpecError) as exc:
+            if name in _BUILT_IN:
+                raise
+            warnings.warn(f"byzer_magic: backend {name!r} left out: {exc}", stacklevel=2)
+    return found
+
+
+def chosen(name: str) -> type[Backend] | None:
+    """The backend `--infer_backend name` picks, or None: looks again for a plugin installed since the last look."""
+    try:
+        kind = find(name)
+    except (KeyError, ImportError):
+        return None
+    return kind if kind.model_type_prefix is None else None
 
 
 def local() -> list[str]:
