@@ -10,7 +10,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -41,6 +40,7 @@ def echo_installed(tmp_path):
 
 
 def test_the_built_in_backends_are_declared_as_entry_points_as_the_fallback_lists_them():
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11")
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"][backends.GROUP]
     assert declared == backends._BUILT_IN
     assert [b.name for b in backends.every()][:len(declared)] == list(declared)
