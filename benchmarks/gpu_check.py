@@ -27,6 +27,7 @@ async def main(path: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from byzer_magic.backends import hf
+    from byzer_magic.backends.base import Context
 
     prompt = [{"role": "user", "content": "hello there"}]
     print("cuda:", torch.cuda.get_device_name(0), flush=True)
@@ -35,7 +36,8 @@ async def main(path: str) -> None:
     inputs = tok.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True).to("cuda")
     reference = model.generate(**inputs, max_new_tokens=16, do_sample=False)[0][inputs["input_ids"].shape[1]:].tolist()
     print("reference fp16 cuda:", reference, flush=True)
-    backend = hf.Backend(hf.Settings(dtype="float16"), model_path=path, gpus=1)
+    context = Context("gpu_check", model_path=path, gpus=1)
+    backend = hf.Backend(hf.Settings(dtype="float16"), context)
     await backend.start()
     got = await ids(backend, prompt)
     print("transformers backend:", backend.stats()["device"], got, "EQUAL" if got == reference else "DIFFERENT", flush=True)
@@ -47,7 +49,7 @@ async def main(path: str) -> None:
     for inject in (False, True):
         started = time.perf_counter()
         try:
-            b = ds.Backend(ds.Settings(dtype="float16", replace_with_kernel_inject=inject), model_path=path, gpus=1)
+            b = ds.Backend(ds.Settings(dtype="float16", replace_with_kernel_inject=inject), context)
             await b.start()
             got = await ids(b, prompt)
             print(f"deepspeed inject={inject}:", got, "EQUAL" if got == reference else "DIFFERENT",

@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
-from byzer_magic.backends.base import Delta, GenParams, Messages
+from byzer_magic.backends.base import Backend, BackendSettings, Context, Delta, GenParams, Messages
 
 
 class _Request:
@@ -72,14 +72,17 @@ class PacedEngine:
             self._running.pop(key, None)
 
 
-class PacedBackend:
-    """The byzer_magic backend protocol over a PacedEngine."""
+class PacedBackend(Backend):
+    """The byzer_magic backend contract over a PacedEngine; built by the benchmark's worker, not by name."""
+
+    name = "paced"
+    Settings = BackendSettings
+    library = "byzer_magic"
+    model_path_help = None
 
     def __init__(self, step_s: float = 0.021, cpu_per_token_s: float = 0.0):
+        super().__init__(BackendSettings(), Context("bench_stream"))
         self.engine = PacedEngine(step_s, cpu_per_token_s)
-
-    async def start(self) -> None:
-        return None
 
     def chat(self, messages: Messages, gen: GenParams) -> AsyncIterator[Delta]:
         return self.generate(str(messages[-1]["content"]), gen)
@@ -91,12 +94,3 @@ class PacedBackend:
             text = " ".join(f"t{i}" for i in ids)
             usage = {"prompt_tokens": 1, "completion_tokens": made, "total_tokens": made + 1} if done else None
             yield Delta(text, "length" if done else None, usage, tuple(ids))
-
-    async def health(self) -> None:
-        return None
-
-    def stats(self) -> dict[str, Any]:
-        return {}
-
-    async def shutdown(self) -> None:
-        return None

@@ -24,23 +24,18 @@ _POLL_S = 0.05
 
 def preflight(spec: DeploySpec) -> None:
     """Check what the spec needs from this machine, before anything starts."""
-    info = spec.info
-    if not info.library_installed():
-        extra = f"pip install 'byzer-magic[{info.extra}]'" if info.extra else f"pip install {info.library}"
-        raise DeployError(f"--infer_backend {spec.backend} needs the {info.library} package: {extra}")
+    kind = spec.backend_class
+    if not kind.library_installed():
+        extra = f"pip install 'byzer-magic[{kind.extra}]'" if kind.extra else f"pip install {kind.library}"
+        raise DeployError(f"--infer_backend {spec.backend} needs the {kind.library} package: {extra}")
     if spec.model_path is None:
         return
     path = Path(spec.model_path).expanduser()
     if not path.exists():
         raise DeployError(f"--model_path {spec.model_path}: no such file or directory")
-    if spec.backend == "llama_cpp":
-        if not path.is_file():
-            raise DeployError(f"--model_path {spec.model_path}: llama_cpp needs a .gguf file, not a directory")
-        with path.open("rb") as f:
-            if f.read(4) != b"GGUF":
-                raise DeployError(f"--model_path {spec.model_path}: not a GGUF file (it does not start with 'GGUF')")
-    elif not (path / "config.json").is_file():
-        raise DeployError(f"--model_path {spec.model_path}: {spec.backend} needs a model directory with config.json")
+    problem = kind.check_model_path(path)
+    if problem:
+        raise DeployError(f"--model_path {spec.model_path}: {problem}")
 
 
 def _check_resources(workers: int, cpus: float, gpus: float) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .backends import LOCAL_BACKENDS
+from . import backends
 from .backends.base import GenParams
 
 MAX_WORKERS = 256
@@ -41,12 +41,11 @@ class DeployFlags(BaseModel):
         description="saas/<provider>; custom/auto with --infer_backend; or a transformers model type: "
                     "custom/bge, m3e, ... embed, any other name chats",
     )
-    infer_backend: str | None = Field(
-        None, description=f"local backend: {', '.join(LOCAL_BACKENDS)} (a model type defaults to transformers)")
-    model_path: str | None = Field(None, description="local weights: a model directory, or a .gguf file for llama_cpp")
+    infer_backend: str | None = Field(None, description=backends.infer_backend_help())
+    model_path: str | None = Field(None, description=backends.model_path_help())
     num_workers: int = Field(1, ge=1, le=MAX_WORKERS, description="workers, i.e. Ray Serve replicas")
     worker_concurrency: int | None = Field(
-        None, ge=1, description="requests one worker takes at once: 1, but backend.max_num_seqs or 256 for vllm")
+        None, ge=1, description="requests one worker takes at once; default: the backend's (1, more for a batching engine)")
     max_queued_requests: int = Field(
         1024, ge=-1, description="requests a caller may queue for this deployment beyond what its workers hold; "
                                  "past it a request is refused at once (503); -1: no limit")
@@ -54,8 +53,7 @@ class DeployFlags(BaseModel):
     gpus_per_worker: float = Field(0.0, ge=0, description="Ray GPUs per worker")
     infer_params: dict[str, Any] = Field(
         default_factory=dict,
-        description="key=value settings: saas.* for SaaS, backend.* for vllm/transformers/deepspeed, "
-                    "plain keys for llama_cpp",
+        description=backends.infer_params_help(),
     )
     ray_address: str | None = Field(
         None, description="Ray cluster to use; default RAY_ADDRESS, else the running one, else a local one")

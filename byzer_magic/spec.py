@@ -3,7 +3,8 @@
 One parser serves the cell magic and the command line, so a spec that works
 in one works in the other. Each flag's type, default and range come from
 `options.DeployFlags`; this module adds the rules that tie flags together (the
-backend a model type means, what it needs of --model_path and GPUs) and checks
+backend a model type means, whether it takes --model_path, its GPU rule and
+default concurrency, all read from the backend's class) and checks
 `infer_params` against the backend's settings. Only what a deploy needs from the
 machine (the model file, the library) is checked later, by `deploy.preflight`.
 Every message masks secrets.
@@ -20,9 +21,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import SecretStr, ValidationError
 
-from .backends import BACKENDS, EMBEDDING_TYPES, LOCAL_BACKENDS, BackendInfo
-from .backends.base import BackendSettings
-from .backends.providers import PROVIDER_BASE_URLS
+from . import backends
+from .backends import EMBEDDING_TYPES
+from .backends.base import Backend, BackendSettings, Context
 from .errors import SpecError, redact
 from .flags import SECRET_KEY, Flags, did_you_mean, read_flags, secrets_in, secrets_in_env, split_cell
 from .option_args import default_of, validated
@@ -49,18 +50,23 @@ class DeploySpec:
     max_queued_requests: int = default_of(DeployFlags, "max_queued_requests")
 
     @property
-    def info(self) -> BackendInfo:
-        return BACKENDS[self.backend]
+    def backend_class(self) -> type[Backend]:
+        """Found by name in each process that asks, so a worker finds a plugin installed on its node."""
+        return backends.find(self.backend)
 
     @property
     def task(self) -> str:
         """"chat", or "embed" for an embedding model type; decides what the worker answers."""
-        return "chat" if self.backend == "saas" else task_of(self.pretrained_model_type)
+        return task_of(self.pretrained_model_type)
 
     @property
     def base_url(self) -> str | None:
-        """The endpoint a SaaS worker calls: saas.base_url, else the provider's."""
-        return getattr(self.params, "base_url", None) or PROVIDER_BASE_URLS.get(self.provider or "")
+        """The endpoint the worker calls, for backends that call one (saas.base_url, else the provider's)."""
+        return self.backend_class.endpoint(self.params, self.provider)
+
+    def context(self) -> Context:
+        """What the backend is told about this deployment besides its settings."""
+        return Context(self.name, self.model_path, self.gpus_per_worker, self.provider, self.base_url, self.task)
 
     def _values(self) -> dict[str, Any]:
         return {**self.params.__dict__, **(self.params.model_extra or {})}
@@ -79,7 +85,7 @@ class DeploySpec:
 
     def public_params(self) -> dict[str, Any]:
         """infer_params as the user wrote them, every secret-looking value shown as ***."""
-        prefix = self.info.prefix
+        prefix = self.backend_class.prefix
         return {
             f"{prefix}{key}": _masked(key, value)
             for key, value in self._values().items()
@@ -96,7 +102,7 @@ class DeploySpec:
             "provider": self.provider,
             "model": model,
             "task": self.task,
-            "base_url": _masked("base_url", self.base_url) if self.backend == "saas" else None,
+            "base_url": _masked("base_url", self.base_url),
             "num_workers": self.num_workers,
             "worker_concurrency": self.worker_concurrency,
             "cpus_per_worker": self.cpus_per_worker,
@@ -154,20 +160,22 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Dep
 def _build(flags: Flags) -> DeploySpec:
     f = validated(DeployFlags, {**flags.values, "infer_params": flags.infer_params})
     model_type = f.pretrained_model_type.strip() or default_of(DeployFlags, "pretrained_model_type")
-    backend, provider = _backend_for(model_type, f.infer_backend)
-    params = _settings(BACKENDS[backend], model_type, f.infer_params)
-    _check_model_path(backend, f.model_path)
-    _check_gpus(backend, f.gpus_per_worker)
+    kind, provider = _backend_for(model_type, f.infer_backend)
+    params = _settings(kind, model_type, f.infer_params)
+    _check_model_path(kind, model_type, f.model_path)
+    gpu_problem = kind.gpu_rule.problem(kind.name, f.gpus_per_worker)
+    if gpu_problem:
+        raise SpecError(gpu_problem)
     concurrency = f.worker_concurrency
     return DeploySpec(
         name=f.model,
         pretrained_model_type=model_type,
-        backend=backend,
+        backend=kind.name,
         provider=provider,
         params=params,
         model_path=f.model_path or None,
         num_workers=f.num_workers,
-        worker_concurrency=_default_concurrency(backend, params) if concurrency is None else concurrency,
+        worker_concurrency=kind.default_concurrency(params) if concurrency is None else concurrency,
         cpus_per_worker=f.cpus_per_worker,
         gpus_per_worker=f.gpus_per_worker,
         ray_address=f.ray_address or None,
@@ -177,27 +185,11 @@ def _build(flags: Flags) -> DeploySpec:
     )
 
 
-def _check_model_path(backend: str, model_path: str | None) -> None:
-    if backend != "saas" and not model_path:
-        raise SpecError(f"--model_path is required for --infer_backend {backend}: " + (
-            "the .gguf file to load" if backend == "llama_cpp" else "the model's directory"))
-    if backend == "saas" and model_path:
-        raise SpecError("--model_path does not apply to saas/* models; the endpoint holds the model")
-
-
-def _check_gpus(backend: str, gpus: float) -> None:
-    """Deepspeed's limit first: its worker never shards, so the tensor-parallel advice would not be so."""
-    if backend == "deepspeed" and gpus > 1:
-        raise SpecError(
-            f"--gpus_per_worker {gpus:g}: a deepspeed worker is one process on one GPU, and DeepSpeed's tensor "
-            f"parallelism needs one process per GPU; use --gpus_per_worker 1 with more --num_workers, or "
-            f"--infer_backend vllm, which shards one model over several GPUs"
-        )
-    if BACKENDS[backend].whole_gpus and gpus > 1 and gpus != int(gpus):
-        raise SpecError(
-            f"--gpus_per_worker {gpus:g}: above 1, {backend} needs whole GPUs (it shards over them with "
-            f"tensor parallelism); use 2, 3, ..., or a share below 1 to put several workers on one GPU"
-        )
+def _check_model_path(kind: type[Backend], model_type: str, model_path: str | None) -> None:
+    if kind.model_path_help and not model_path:
+        raise SpecError(f"--model_path is required for --infer_backend {kind.name}: {kind.model_path_help}")
+    if kind.model_path_help is None and model_path:
+        raise SpecError(f"--model_path does not apply to {model_type}; {kind.no_model_path_why or 'remove it'}")
 
 
 def task_of(model_type: str) -> str:
@@ -206,46 +198,54 @@ def task_of(model_type: str) -> str:
     return "embed" if bare.lower() in EMBEDDING_TYPES else "chat"
 
 
-def _backend_for(model_type: str, infer_backend: str | None) -> tuple[str, str | None]:
-    known = ", ".join(f"saas/{p}" for p in PROVIDER_BASE_URLS)
-    local = ", ".join(LOCAL_BACKENDS)
-    if infer_backend is not None and infer_backend not in LOCAL_BACKENDS:
-        hint = did_you_mean(str(infer_backend), LOCAL_BACKENDS)
-        raise SpecError(f"--infer_backend {infer_backend!r} is not a backend.{hint} Valid: {local}")
-    if model_type.startswith("saas/"):
-        provider = model_type[5:]
-        if provider not in PROVIDER_BASE_URLS:
-            hint = did_you_mean(provider, list(PROVIDER_BASE_URLS), prefix="saas/")
-            raise SpecError(
-                f"--pretrained_model_type {model_type}: unknown provider.{hint} Known: {known}; "
-                f"any OpenAI-compatible endpoint works as saas/openai with saas.base_url=..."
-            )
-        if infer_backend:
-            raise SpecError(f"--infer_backend does not apply to {model_type}; remove it")
-        return "saas", provider
+def _backend_for(model_type: str, infer_backend: str | None) -> tuple[type[Backend], str | None]:
+    """The backend a model type and --infer_backend mean, and the provider a `saas/...`-like type names."""
+    if infer_backend is not None and backends.chosen(infer_backend) is None:
+        local = backends.local()
+        hint = did_you_mean(str(infer_backend), local)
+        raise SpecError(f"--infer_backend {infer_backend!r} is not a backend.{hint} Valid: {', '.join(local)}")
+    every = backends.every()
+    local = [b.name for b in every if b.model_type_prefix is None]
+    for kind in every:
+        if kind.model_type_prefix and model_type.startswith(kind.model_type_prefix):
+            provider = kind.provider_of(model_type)
+            if infer_backend:
+                raise SpecError(f"--infer_backend does not apply to {model_type}; remove it")
+            return kind, provider
     if model_type == "custom/auto":
         if infer_backend:
-            return str(infer_backend), None
-        raise SpecError(f"--pretrained_model_type custom/auto needs --infer_backend, one of: {local}")
+            return backends.find(infer_backend), None
+        raise SpecError(f"--pretrained_model_type custom/auto needs --infer_backend, one of: {', '.join(local)}")
+    _check_model_type(model_type, every)
+    task = task_of(model_type)
+    if infer_backend:
+        kind = backends.find(infer_backend)
+    else:
+        kind = next(b for b in every if b.serves_model_types and task in b.tasks)
+    if task not in kind.tasks:
+        able = " or ".join(b.name for b in every if task in b.tasks and b.model_type_prefix is None)
+        raise SpecError(
+            f"--pretrained_model_type {model_type} is an embedding model: it deploys with "
+            f"--infer_backend {able}, not {infer_backend}"
+        )
+    return kind, None
+
+
+def _check_model_type(model_type: str, every: list[type[Backend]]) -> None:
+    """A bare transformers model type must look like one; a near miss of custom/auto is named."""
     if difflib.get_close_matches(model_type, ["custom/auto"], n=1, cutoff=0.8):
         raise SpecError(f"--pretrained_model_type {model_type!r}: did you mean custom/auto?")
     if not re.fullmatch(r"(custom/)?[A-Za-z0-9][A-Za-z0-9_.-]*", model_type):
+        picked = ", ".join(f"{b.model_type_prefix}<provider>" for b in every if b.model_type_prefix)
+        local = ", ".join(b.name for b in every if b.model_type_prefix is None)
         raise SpecError(
-            f"--pretrained_model_type {model_type!r}: use saas/<provider> ({known}), custom/auto with "
+            f"--pretrained_model_type {model_type!r}: use {picked}, custom/auto with "
             f"--infer_backend ({local}), or a transformers model type such as custom/bge or llama2"
         )
-    if task_of(model_type) == "embed":
-        if infer_backend not in (None, "transformers"):
-            raise SpecError(
-                f"--pretrained_model_type {model_type} is an embedding model: it deploys with "
-                f"--infer_backend transformers, not {infer_backend}"
-            )
-        return "transformers", None
-    return str(infer_backend or "transformers"), None
 
 
-def _settings(info: BackendInfo, model_type: str, raw: dict[str, Any]) -> BackendSettings:
-    model = info.settings
+def _settings(info: type[Backend], model_type: str, raw: dict[str, Any]) -> BackendSettings:
+    model = info.Settings
     valid = [f"{info.prefix}{k}" for k in model.model_fields]
     values: dict[str, Any] = {}
     open_keys: Mapping[str, Any] | None = {}
@@ -299,11 +299,11 @@ def _open_value(key: str, annotation: Any, value: Any) -> Any:
         ) from None
 
 
-def _explain(exc: ValidationError, info: BackendInfo, model_type: str) -> str:
+def _explain(exc: ValidationError, info: type[Backend], model_type: str) -> str:
     parts = []
     for err in exc.errors():
         key = f"{info.prefix}{'.'.join(str(p) for p in err['loc'])}"
-        field_info = info.settings.model_fields.get(str(err["loc"][0])) if err["loc"] else None
+        field_info = info.Settings.model_fields.get(str(err["loc"][0])) if err["loc"] else None
         about = f" ({field_info.description})" if field_info and field_info.description else ""
         if err["type"] == "missing":
             parts.append(f"--infer_params {key}=... is required for {model_type}{about}")
@@ -312,19 +312,12 @@ def _explain(exc: ValidationError, info: BackendInfo, model_type: str) -> str:
     return "; ".join(parts)
 
 
-def _default_concurrency(backend: str, params: BackendSettings) -> int:
-    """vLLM batches what it is given; every other backend answers one request at a time."""
-    if backend == "vllm":
-        return getattr(params, "max_num_seqs", None) or 256
-    return 1
-
-
 def settings_help() -> str:
     """Every backend's infer_params with type, default and meaning, for `?` and --help."""
     lines = []
-    for info in BACKENDS.values():
+    for info in backends.every():
         lines.append(f"{info.name} infer_params:")
-        for key, f in info.settings.model_fields.items():
+        for key, f in info.Settings.model_fields.items():
             default = "required" if f.is_required() else f"default {f.default!r}"
             lines.append(f"  {info.prefix}{key}: {f.description} ({default})")
     return "\n".join(lines)

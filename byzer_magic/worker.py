@@ -11,8 +11,7 @@ import os
 from typing import Any, AsyncIterator
 
 from . import metrics
-from .backends.base import Delta, Embeddings, GenParams, Messages
-from .errors import WrongTaskError
+from .backends.base import Backend, Delta, Embeddings, GenParams, Messages
 from .metrics import RequestLog
 from .spec import DeploySpec
 
@@ -44,7 +43,6 @@ class Worker:
     """One worker of one deployment."""
 
     async def __init__(self, spec: DeploySpec):
-        self._spec = spec
         self._backend = self._build_backend(spec)
         await self._backend.start()
         from ray import serve
@@ -54,16 +52,9 @@ class Worker:
         self._where = (context.app_name, context.replica_id.unique_id)
 
     @staticmethod
-    def _build_backend(spec: DeploySpec) -> Any:
+    def _build_backend(spec: DeploySpec) -> Backend:
         """The backend this worker hosts; a subclass may host another (the streaming benchmark's paced engine)."""
-        return spec.info.load().Backend(
-            spec.params,
-            provider=spec.provider,
-            base_url=spec.base_url,
-            model_path=spec.model_path,
-            gpus=spec.gpus_per_worker,
-            task=spec.task,
-        )
+        return spec.backend_class(spec.params, spec.context())
 
     async def chat(self, messages: Messages | str, gen: GenParams) -> AsyncIterator[Delta]:
         """Stream an answer; Serve calls this with stream=True.
@@ -97,15 +88,9 @@ class Worker:
         return [delta async for delta in self.chat(messages, gen)]
 
     async def embed(self, texts: list[str]) -> Embeddings:
-        """One vector per text, from backends that embed; the others say so plainly."""
-        embed = getattr(self._backend, "embed", None)
-        if embed is None:
-            raise WrongTaskError(
-                f"{self._spec.name!r} is a chat model ({self._spec.backend}); it does not embed text: deploy an "
-                f"embedding model type (e.g. --pretrained_model_type custom/bge) for embeddings"
-            )
+        """One vector per text, from backends that embed; the others refuse (Backend.embed)."""
         with self._log.request():
-            return await embed([str(text) for text in texts])
+            return await self._backend.embed([str(text) for text in texts])
 
     @staticmethod
     def _rss() -> int:

@@ -247,9 +247,10 @@ def test_embeddings_equal_transformers_pooled_by_hand(embedder, tiny_encoder):
 
 
 def test_a_chat_sent_to_an_embedder_and_texts_sent_to_a_chat_model_say_so(embedder, hf_chat):
-    with pytest.raises(WrongTaskError, match="embedding model: it embeds text and does not chat"):
+    with pytest.raises(WrongTaskError, match=f"'{embedder}' is deployed as an embedding model: it embeds text and "
+                                             f"does not chat; use %byzer_embed, byzer_magic.chat.embed"):
         chat.chat(embedder, "hi")
-    with pytest.raises(WrongTaskError, match="chat model: it does not embed"):
+    with pytest.raises(WrongTaskError, match=rf"'{hf_chat}' is a chat model \(transformers\); it does not embed"):
         chat.embed(hf_chat, ["hi"])
 
 

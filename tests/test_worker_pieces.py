@@ -13,7 +13,7 @@ from typing import AsyncIterator
 import pytest
 
 from byzer_magic.backends import vllm as vllm_backend
-from byzer_magic.backends.base import Delta, GenParams
+from byzer_magic.backends.base import Context, Delta, GenParams
 from byzer_magic.metrics import RequestLog
 from byzer_magic.worker import STREAMS_PER_TOKEN, Worker
 
@@ -72,7 +72,7 @@ def test_a_busy_worker_sends_the_first_piece_alone_then_several_per_message(othe
 
 
 def backend(gpus: float, **keys) -> vllm_backend.Backend:
-    return vllm_backend.Backend(vllm_backend.Settings(**keys), model_path="/m", gpus=gpus)
+    return vllm_backend.Backend(vllm_backend.Settings(**keys), Context("v", model_path="/m", gpus=gpus))
 
 
 def test_a_cpu_worker_sizes_its_kv_cache_to_the_memory_it_has_unless_told():

@@ -1,15 +1,24 @@
-"""The one protocol every backend implements, and the settings base they share.
+"""The one contract every backend implements, and the types it speaks.
 
 A backend is plain Python: it never imports Ray or IPython, and it imports its
 own library (openai, llama_cpp, vllm, ...) only when it is constructed, so the
-parser can read its settings on a machine that lacks the library.
+parser can read its settings on a machine that lacks the library. Everything
+the rest of the package needs to know about a backend (its name, settings,
+model path, GPUs, concurrency, tasks, library) is declared on its class, so
+that no module outside `backends/` names one.
 """
 from __future__ import annotations
 
+import abc
+import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Mapping, Protocol
+from pathlib import Path
+from typing import Any, AsyncIterator, ClassVar, Mapping
 
 from pydantic import BaseModel, ConfigDict
+
+from ..errors import WrongTaskError
 
 
 class BackendSettings(BaseModel):
@@ -42,6 +51,10 @@ class Delta:
     token_ids: tuple[int, ...] = ()
 
 
+_DEFAULTED = ("temperature", "top_p", "max_tokens")
+"""GenParams a deployment may set defaults for in its settings (saas.temperature=0.2)."""
+
+
 @dataclass(frozen=True)
 class GenParams:
     """Per-chat generation settings; None means the backend's or model's default."""
@@ -53,6 +66,18 @@ class GenParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     """Generate max_tokens whatever the model says (vLLM's extension, for load tests); vLLM honours it."""
+
+    def over(self, settings: BaseModel) -> GenParams:
+        """These values, with the deployment's defaults where the chat left one unset.
+
+        Settings fields named like a GenParams field (`temperature`, `top_p`,
+        `max_tokens`) are the defaults; a chat's own value always wins.
+        """
+        found = {
+            name: getattr(settings, name) for name in _DEFAULTED
+            if getattr(self, name) is None and getattr(settings, name, None) is not None
+        }
+        return dataclasses.replace(self, **found)
 
 
 @dataclass(frozen=True)
@@ -66,21 +91,118 @@ class Embeddings:
 Messages = list[dict[str, Any]]
 
 
-class Backend(Protocol):
-    """What a worker hosts. `start` may fail the deploy; `health` must stay cheap."""
+@dataclass(frozen=True)
+class Context:
+    """What a backend is told about the deployment it serves, besides its settings."""
 
-    async def start(self) -> None: ...
+    deployment: str
+    model_path: str | None = None
+    gpus: float = 0.0
+    provider: str | None = None
+    base_url: str | None = None
+    task: str = "chat"
 
+
+@dataclass(frozen=True)
+class GpuRule:
+    """How many GPUs one worker of a backend may have: shares below 1 always; above 1, as said here."""
+
+    whole_above_one: bool = False
+    """Above 1 GPU, whole GPUs only (the backend shards over them)."""
+    most: float | None = None
+    why_most: str = ""
+
+    def problem(self, backend: str, gpus: float) -> str | None:
+        """What is wrong with `--gpus_per_worker gpus` for this backend, or None."""
+        if self.most is not None and gpus > self.most:
+            return f"--gpus_per_worker {gpus:g}: {self.why_most}"
+        if self.whole_above_one and gpus > 1 and gpus != int(gpus):
+            return (f"--gpus_per_worker {gpus:g}: above 1, {backend} needs whole GPUs (it shards over them with "
+                    f"tensor parallelism); use 2, 3, ..., or a share below 1 to put several workers on one GPU")
+        return None
+
+
+class Backend(abc.ABC):
+    """What a worker hosts, and what the parser and the deploy need to know about it.
+
+    Class attributes describe the backend; an instance serves one worker.
+    `start` may fail the deploy; `health` must stay cheap; `chat` and
+    `generate` are async iterators of Delta; `embed` refuses unless the
+    backend embeds.
+    """
+
+    name: ClassVar[str]
+    """The `--infer_backend` value, and the entry point's name in `byzer_magic.backends`."""
+    Settings: ClassVar[type[BackendSettings]]
+    prefix: ClassVar[str] = "backend."
+    """How its `--infer_params` keys begin."""
+    library: ClassVar[str]
+    """The module it needs installed."""
+    extra: ClassVar[str] = ""
+    """byzer-magic's extra that installs the library; empty: `pip install <library>`."""
+    tasks: ClassVar[frozenset[str]] = frozenset({"chat"})
+    model_type_prefix: ClassVar[str | None] = None
+    """A backend picked by its model type (`saas/...`), not by --infer_backend."""
+    serves_model_types: ClassVar[bool] = False
+    """The backend a bare transformers model type (`llama2`, `custom/bge`) deploys with."""
+    model_path_help: ClassVar[str | None] = "the model's directory"
+    """What --model_path must name; None: the backend takes no model path."""
+    no_model_path_why: ClassVar[str] = ""
+    gpu_rule: ClassVar[GpuRule] = GpuRule()
+
+    def __init__(self, settings: BackendSettings, context: Context):
+        self.settings = settings
+        self.context = context
+
+    @classmethod
+    def default_concurrency(cls, settings: BackendSettings) -> int:
+        """Requests one worker takes at once unless --worker_concurrency says: one at a time."""
+        return 1
+
+    @classmethod
+    def check_model_path(cls, path: Path) -> str | None:
+        """What is wrong with an existing --model_path for this backend, or None: a directory with config.json."""
+        if not (path / "config.json").is_file():
+            return f"{cls.name} needs a model directory with config.json"
+        return None
+
+    @classmethod
+    def provider_of(cls, model_type: str) -> str | None:
+        """The provider a `model_type_prefix` model type names, checked; None for other backends."""
+        return None
+
+    @classmethod
+    def endpoint(cls, settings: BackendSettings, provider: str | None) -> str | None:
+        """The URL a worker calls, for backends that call one."""
+        return None
+
+    @classmethod
+    def library_installed(cls) -> bool:
+        return importlib.util.find_spec(cls.library) is not None
+
+    async def start(self) -> None:
+        """Load or connect; a failure fails the deploy with its reason."""
+
+    @abc.abstractmethod
     def chat(self, messages: Messages, gen: GenParams) -> AsyncIterator[Delta]: ...
 
     def generate(self, prompt: str, gen: GenParams) -> AsyncIterator[Delta]:
         """Continue a raw prompt, for OpenAI's /v1/completions; no chat template."""
-        ...
+        raise WrongTaskError(f"{self.context.deployment!r} ({self.name}) does not continue raw prompts; use chat")
 
-    async def health(self) -> None: ...
+    async def embed(self, texts: list[str]) -> Embeddings:
+        """One vector per text; a backend that does not embed refuses with this one message."""
+        raise WrongTaskError(
+            f"{self.context.deployment!r} is a chat model ({self.name}); it does not embed text: deploy an "
+            f"embedding model type (e.g. --pretrained_model_type custom/bge) for embeddings"
+        )
 
-    # Embedding backends also define `async def embed(texts: list[str]) -> Embeddings`.
+    async def health(self) -> None:
+        """Cheap; raising makes Serve replace the worker."""
 
-    def stats(self) -> dict[str, Any]: ...
+    def stats(self) -> dict[str, Any]:
+        """Figures only the backend knows (its device, requests running in its engine); the worker counts requests."""
+        return {}
 
-    async def shutdown(self) -> None: ...
+    async def shutdown(self) -> None:
+        """Free the model or connection."""

@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import Field
 
 from . import hf
-
+from .base import GpuRule
 
 
 class Settings(hf.Settings):
@@ -34,7 +34,18 @@ class Settings(hf.Settings):
 class Backend(hf.Backend):
     """The transformers backend, with the model passed through DeepSpeed's inference engine."""
 
+    name = "deepspeed"
+    Settings = Settings
     library = "deepspeed"
+    extra = "deepspeed"
+    tasks = frozenset({"chat"})
+    serves_model_types = False
+    gpu_rule = GpuRule(
+        whole_above_one=True, most=1,
+        why_most="a deepspeed worker is one process on one GPU, and DeepSpeed's tensor parallelism needs one "
+                 "process per GPU; use --gpus_per_worker 1 with more --num_workers, or --infer_backend vllm, "
+                 "which shards one model over several GPUs",
+    )
 
     def _prepare(self, model: Any) -> Any:
         import deepspeed

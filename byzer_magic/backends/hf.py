@@ -16,7 +16,8 @@ from typing import Any, AsyncIterator, Literal
 from pydantic import Field
 
 from ..errors import BackendError, WrongTaskError
-from .base import BackendSettings, Delta, Embeddings, GenParams, Messages
+from . import base
+from .base import BackendSettings, Context, Delta, Embeddings, GenParams, Messages
 
 
 class Settings(BackendSettings):
@@ -65,22 +66,26 @@ def _streamer_class() -> type:
     return IdStreamer
 
 
-class Backend:
+class Backend(base.Backend):
     """One model; requests take turns on it, and an abandoned stream stops its generation."""
 
+    name = "transformers"
+    Settings = Settings
     library = "transformers"
+    extra = "transformers"
+    tasks = frozenset({"chat", "embed"})
+    serves_model_types = True
 
-    def __init__(self, settings: Settings, *, model_path: str, gpus: float = 0, task: str = "chat", **_: Any):
+    def __init__(self, settings: Settings, context: Context):
+        super().__init__(settings, context)
         self._settings = settings
-        self._model_path = model_path
-        self._gpus = gpus
-        self._task = task
+        self._model_path = context.model_path
+        self._gpus = context.gpus
+        self._task = context.task
         self._model: Any = None
         self._tokenizer: Any = None
         self._device = "cpu"
         self._turn = asyncio.Lock()
-        self._served = 0
-        self._tokens = 0
 
     def _fail(self, message: str) -> BackendError:
         return BackendError(self.library, None, message)
@@ -130,21 +135,15 @@ class Backend:
         """Hook for wrappers of the loaded model (DeepSpeed); plain transformers uses it as is."""
         return model
 
-    def _require(self, task: str) -> None:
-        if self._task == task:
-            return
+    def _refuse_chat(self) -> None:
         if self._task == "embed":
             raise WrongTaskError(
-                f"{self._model_path} is deployed as an embedding model: it embeds text and does not chat; "
-                f"use %byzer_embed, byzer_magic.embed() or /v1/embeddings"
+                f"{self.context.deployment!r} is deployed as an embedding model: it embeds text and does not chat; "
+                f"use %byzer_embed, byzer_magic.chat.embed or /v1/embeddings"
             )
-        raise WrongTaskError(
-            f"{self._model_path} is deployed as a chat model: it does not embed text; deploy it with an embedding "
-            f"model type (e.g. --pretrained_model_type custom/bge) for embeddings"
-        )
 
     def chat(self, messages: Messages, gen: GenParams) -> AsyncIterator[Delta]:
-        self._require("chat")
+        self._refuse_chat()
         if not getattr(self._tokenizer, "chat_template", None):
             raise self._fail(f"{self._model_path} has no chat template; send a raw prompt to /v1/completions")
         inputs = self._tokenizer.apply_chat_template(
@@ -154,7 +153,7 @@ class Backend:
 
     def generate(self, prompt: str, gen: GenParams) -> AsyncIterator[Delta]:
         """A raw prompt, continued as it is (no chat template)."""
-        self._require("chat")
+        self._refuse_chat()
         return self._stream(self._tokenizer(prompt, return_tensors="pt"), gen)
 
     def _generation_kwargs(self, gen: GenParams) -> dict[str, Any]:
@@ -220,20 +219,17 @@ class Backend:
             "completion_tokens": streamer.generated,
             "total_tokens": prompt_tokens + streamer.generated,
         }
-        self._served += 1
-        self._tokens += streamer.generated
         yield Delta("", finish, usage)
 
     async def embed(self, texts: list[str]) -> Embeddings:
         """One vector per text, in order; the batch is padded and pooled as `backend.pooling` says."""
-        self._require("embed")
+        if self._task != "embed":
+            return await super().embed(texts)
         async with self._turn:
             try:
-                vectors = await asyncio.to_thread(self._embed, texts)
+                return await asyncio.to_thread(self._embed, texts)
             except (ValueError, RuntimeError) as exc:
                 raise self._fail(str(exc)) from None
-        self._served += 1
-        return vectors
 
     def _embed(self, texts: list[str]) -> Embeddings:
         import torch
@@ -254,7 +250,6 @@ class Backend:
         if s.normalize:
             vectors = torch.nn.functional.normalize(vectors, dim=-1)
         tokens = int(batch["attention_mask"].sum())
-        self._tokens += tokens
         return Embeddings(vectors.float().cpu().tolist(), tokens)
 
     async def health(self) -> None:
@@ -262,7 +257,7 @@ class Backend:
             raise self._fail("model not loaded")
 
     def stats(self) -> dict[str, Any]:
-        return {"served": self._served, "tokens": self._tokens, "device": self._device, "running": int(self._turn.locked())}
+        return {"device": self._device, "running": int(self._turn.locked())}
 
     async def shutdown(self) -> None:
         self._model = None

@@ -7,12 +7,14 @@ checks and queue bookkeeping.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
 from pydantic import Field
 
 from ..errors import BackendError
-from .base import BackendSettings, Delta, GenParams, Messages
+from . import base
+from .base import BackendSettings, Context, Delta, GenParams, Messages
 
 
 class Settings(BackendSettings):
@@ -32,16 +34,32 @@ class Settings(BackendSettings):
     max_tokens: int | None = Field(default=None, gt=0, description="default answer length limit")
 
 
-class Backend:
+class Backend(base.Backend):
     """One Llama instance; requests take turns on it."""
 
-    def __init__(self, settings: Settings, *, model_path: str, **_: Any):
+    name = "llama_cpp"
+    Settings = Settings
+    prefix = ""
+    library = "llama_cpp"
+    extra = "llama-cpp"
+    model_path_help = "the .gguf file to load"
+
+    def __init__(self, settings: Settings, context: Context):
+        super().__init__(settings, context)
         self._settings = settings
-        self._model_path = model_path
+        self._model_path = context.model_path
         self._llama: Any = None
         self._turn = asyncio.Lock()
-        self._served = 0
-        self._tokens = 0
+
+    @classmethod
+    def check_model_path(cls, path: Path) -> str | None:
+        """A GGUF file, told by its first four bytes."""
+        if not path.is_file():
+            return "llama_cpp needs a .gguf file, not a directory"
+        with path.open("rb") as f:
+            if f.read(4) != b"GGUF":
+                return "not a GGUF file (it does not start with 'GGUF')"
+        return None
 
     async def start(self) -> None:
         s = self._settings
@@ -66,16 +84,14 @@ class Backend:
             raise BackendError("llama_cpp", None, f"cannot load {self._model_path}: {exc}") from None
 
     def _request(self, gen: GenParams) -> dict[str, Any]:
-        s = self._settings
+        gen = gen.over(self._settings)
         kwargs: dict[str, Any] = {"stream": True}
-        temperature = gen.temperature if gen.temperature is not None else s.temperature
-        max_tokens = gen.max_tokens if gen.max_tokens is not None else s.max_tokens
-        if temperature is not None:
-            kwargs["temperature"] = temperature
-            if temperature == 0:
+        if gen.temperature is not None:
+            kwargs["temperature"] = gen.temperature
+            if gen.temperature == 0:
                 kwargs["top_k"] = 1
-        if max_tokens is not None:
-            kwargs["max_tokens"] = max_tokens
+        if gen.max_tokens is not None:
+            kwargs["max_tokens"] = gen.max_tokens
         if gen.top_p is not None:
             kwargs["top_p"] = gen.top_p
         if gen.seed is not None:
@@ -95,24 +111,17 @@ class Backend:
         async with self._turn:
             try:
                 chunks: Iterator[dict] = await asyncio.to_thread(getattr(self._llama, method), **kwargs)
-                count = 0
                 while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
                     choice = chunk["choices"][0]
                     text = (choice["delta"].get("content") if "delta" in choice else choice.get("text")) or ""
-                    count += bool(text)
                     if text or choice.get("finish_reason"):
                         yield Delta(text, choice.get("finish_reason"))
             except (ValueError, RuntimeError) as exc:
                 raise BackendError("llama_cpp", None, str(exc)) from None
-        self._served += 1
-        self._tokens += count
 
     async def health(self) -> None:
         if self._llama is None:
             raise BackendError("llama_cpp", None, "model not loaded")
-
-    def stats(self) -> dict[str, Any]:
-        return {"served": self._served, "tokens": self._tokens}
 
     async def shutdown(self) -> None:
         if self._llama is not None:

@@ -6,12 +6,15 @@ maps its failures onto a BackendError the notebook can show.
 """
 from __future__ import annotations
 
+import difflib
 from typing import Any, AsyncIterator
 
 from pydantic import Field, SecretStr
 
-from ..errors import BackendError, redact
-from .base import BackendSettings, Delta, GenParams, Messages
+from ..errors import BackendError, SpecError, redact
+from . import base
+from .base import BackendSettings, Context, Delta, GenParams, Messages
+from .providers import PROVIDER_BASE_URLS
 
 
 class Settings(BackendSettings):
@@ -34,24 +37,50 @@ class Settings(BackendSettings):
     max_tokens: int | None = Field(default=None, gt=0, description="default answer length limit")
 
 
-class Backend:
+class Backend(base.Backend):
     """One worker's connection to the provider; Serve keeps it to one request at a time."""
 
-    def __init__(self, settings: Settings, *, provider: str, base_url: str | None, **_: Any):
+    name = "saas"
+    Settings = Settings
+    prefix = "saas."
+    library = "openai"
+    model_type_prefix = "saas/"
+    model_path_help = None
+    no_model_path_why = "the endpoint holds the model"
+
+    def __init__(self, settings: Settings, context: Context):
+        super().__init__(settings, context)
         import openai
 
         self._openai = openai
         self._settings = settings
-        self._provider = provider
+        self._provider = context.provider or "openai"
         self._key = settings.api_key.get_secret_value()
         self._client = openai.AsyncOpenAI(
             api_key=self._key,
-            base_url=base_url,
+            base_url=context.base_url,
             timeout=settings.timeout,
             max_retries=settings.max_retries,
         )
-        self._served = 0
-        self._errors = 0
+
+    @classmethod
+    def provider_of(cls, model_type: str) -> str:
+        """`saas/<provider>`, for a provider this backend knows; any other endpoint is saas/openai."""
+        provider = model_type[len(cls.model_type_prefix or ""):]
+        if provider not in PROVIDER_BASE_URLS:
+            close = difflib.get_close_matches(provider, list(PROVIDER_BASE_URLS), n=1)
+            hint = f" Did you mean saas/{close[0]}?" if close else ""
+            known = ", ".join(f"saas/{p}" for p in PROVIDER_BASE_URLS)
+            raise SpecError(
+                f"--pretrained_model_type {model_type}: unknown provider.{hint} Known: {known}; "
+                f"any OpenAI-compatible endpoint works as saas/openai with saas.base_url=..."
+            )
+        return provider
+
+    @classmethod
+    def endpoint(cls, settings: BackendSettings, provider: str | None) -> str | None:
+        """saas.base_url, else the provider's."""
+        return getattr(settings, "base_url", None) or PROVIDER_BASE_URLS.get(provider or "")
 
     async def start(self) -> None:
         if not self._settings.check_on_start:
@@ -65,14 +94,11 @@ class Backend:
 
     def _request(self, gen: GenParams) -> dict[str, Any]:
         """The call's settings: per-chat values first, then the deployment's defaults."""
-        s = self._settings
-        kwargs: dict[str, Any] = {"model": s.model, "stream": True, "stream_options": {"include_usage": True}}
-        for name, default in (("temperature", s.temperature), ("top_p", s.top_p), ("max_tokens", s.max_tokens)):
-            value = getattr(gen, name)
-            if value is None:
-                value = default
-            if value is not None:
-                kwargs[name] = value
+        gen = gen.over(self._settings)
+        kwargs: dict[str, Any] = {"model": self._settings.model, "stream": True, "stream_options": {"include_usage": True}}
+        for name in ("temperature", "top_p", "max_tokens"):
+            if getattr(gen, name) is not None:
+                kwargs[name] = getattr(gen, name)
         if gen.seed is not None:
             kwargs["seed"] = gen.seed
         if gen.stop:
@@ -102,18 +128,12 @@ class Backend:
                         usage = chunk.usage.model_dump()
                         yield Delta("", None, {k: v for k, v in usage.items() if isinstance(v, int)})
         except self._openai.OpenAIError as exc:
-            self._errors += 1
             raise self._readable(exc) from None
         if not finished:
-            self._errors += 1
             raise BackendError(self._provider, None, "the stream ended before the answer was finished (no finish_reason)")
-        self._served += 1
 
     async def health(self) -> None:
         """Local only: a provider's bad minute must not make Serve kill workers."""
-
-    def stats(self) -> dict[str, Any]:
-        return {"served": self._served, "errors": self._errors}
 
     async def shutdown(self) -> None:
         await self._client.close()

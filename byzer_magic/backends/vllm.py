@@ -18,7 +18,8 @@ from typing import Any, AsyncIterator, Mapping
 from pydantic import ConfigDict, Field
 
 from ..errors import BackendError
-from .base import BackendSettings, Delta, GenParams, Messages
+from . import base
+from .base import BackendSettings, Context, Delta, GenParams, GpuRule, Messages
 
 
 @functools.cache
@@ -101,19 +102,29 @@ def _cpu_kv_cache_bytes() -> int:
     return max(256 << 20, min(_CPU_KV_CAP, free // 4))
 
 
-class Backend:
+class Backend(base.Backend):
     """An AsyncLLM engine; Serve lets it take `worker_concurrency` requests at once."""
 
-    def __init__(self, settings: Settings, *, model_path: str, gpus: float = 0, **_: Any):
+    name = "vllm"
+    Settings = Settings
+    library = "vllm"
+    extra = "vllm"
+    gpu_rule = GpuRule(whole_above_one=True)
+
+    def __init__(self, settings: Settings, context: Context):
+        super().__init__(settings, context)
         self._settings = settings
-        self._model_path = model_path
-        self._gpus = gpus
+        self._model_path = context.model_path
+        self._gpus = context.gpus
         self._engine: Any = None
         self._tokenizer: Any = None
         self._defaults: dict[str, Any] = {}
         self._ids = itertools.count()
-        self._served = 0
-        self._tokens = 0
+
+    @classmethod
+    def default_concurrency(cls, settings: BackendSettings) -> int:
+        """vLLM batches what it is given: as many as backend.max_num_seqs, else 256."""
+        return getattr(settings, "max_num_seqs", None) or 256
 
     async def start(self) -> None:
         from vllm import AsyncEngineArgs
@@ -176,7 +187,6 @@ class Backend:
             async for out in self._engine.generate(prompt, params, request_id):
                 piece = out.outputs[0]
                 generated += len(piece.token_ids)
-                self._tokens += len(piece.token_ids)
                 held += tuple(piece.token_ids)
                 usage = None
                 if piece.finish_reason:
@@ -188,7 +198,6 @@ class Backend:
                     held = ()
         except (ValueError, RuntimeError) as exc:
             raise BackendError("vllm", None, str(exc)) from None
-        self._served += 1
 
     async def health(self) -> None:
         await self._engine.check_health()
@@ -196,7 +205,7 @@ class Backend:
     def stats(self) -> dict[str, Any]:
         processor = getattr(self._engine, "output_processor", None)
         running = processor.get_num_unfinished_requests() if processor is not None else None
-        return {"served": self._served, "tokens": self._tokens, "running": running}
+        return {"running": running}
 
     async def shutdown(self) -> None:
         if self._engine is not None:
