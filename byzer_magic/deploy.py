@@ -5,13 +5,13 @@ so a restarted kernel sees and controls what an earlier one deployed.
 """
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 from . import metrics
+from .raydoor import reason_in, serve_details, set_workers, start_app
 from .cluster import connect, worker_runtime_env
 from .errors import DeployError, NotDeployedError, SpecError, redact
 from .spec import MAX_WORKERS, DeploySpec
@@ -62,12 +62,6 @@ def _check_resources(workers: int, cpus: float, gpus: float) -> None:
             )
 
 
-def serve_details() -> dict[str, Any]:
-    from ray.serve.context import _get_global_client
-
-    return _get_global_client().get_serve_details()
-
-
 def _ours(app: dict[str, Any]) -> dict[str, Any] | None:
     """The worker deployment of a Serve app, if the app is one of ours."""
     return app.get("deployments", {}).get(WORKER_NAME)
@@ -98,18 +92,6 @@ def _to_status(name: str, app: dict[str, Any] | None) -> DeploymentStatus:
         state = "degraded"
     message = reason_in(dep.get("message") or app.get("message") or "")
     return DeploymentStatus(name, state, ready, wanted, message, dict(config.get("user_config") or {}), workers)
-
-
-_ERROR_LINE = re.compile(r"(?:byzer_magic\.errors\.)?(?:BackendError|DeployError|ByzerError): (.+)")
-
-
-def reason_in(message: str) -> str:
-    """The readable cause inside a Serve status message (which holds a traceback)."""
-    found = _ERROR_LINE.findall(message)
-    if found:
-        return found[-1].strip()
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else ""
 
 
 def status(name: str, *, ray_address: str | None = None, with_metrics: bool = False) -> DeploymentStatus:
@@ -173,7 +155,6 @@ def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> Deployme
     nothing is left half-deployed, and the worker's own reason is raised.
     """
     from ray import serve
-    from ray.serve.api import _run
 
     preflight(spec)
     if spec.model_path:
@@ -193,7 +174,7 @@ def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> Deployme
     app = serve.deployment(Worker, name=WORKER_NAME).options(**worker_options(spec)).bind(spec)
     deadline = time.monotonic() + spec.deploy_timeout
     try:
-        _run(app, _blocking=False, name=spec.name, route_prefix=None, external_scaler_enabled=True)
+        start_app(app, spec.name, scalable=True)
         return _wait(spec.name, spec.num_workers, deadline, on_progress, "--deploy_timeout")
     except BaseException as exc:
         serve.delete(spec.name)
@@ -231,10 +212,6 @@ def scale(
     on_progress: Progress | None = None,
 ) -> DeploymentStatus:
     """Change the number of workers in place; requests keep flowing meanwhile."""
-    import ray
-    from ray.serve._private.common import DeploymentID
-    from ray.serve.context import _get_global_client
-
     if not 0 <= workers <= MAX_WORKERS:
         raise SpecError(f"cannot scale to {workers} workers: use 0 to {MAX_WORKERS} (0 keeps the deployment "
                           f"but gives its CPUs and GPUs back)")
@@ -243,8 +220,7 @@ def scale(
     if extra:
         per_worker = current.details
         _check_resources(extra, per_worker.get("cpus_per_worker") or 0, per_worker.get("gpus_per_worker") or 0)
-    controller = _get_global_client()._controller
-    ray.get(controller.update_deployment_replicas.remote(DeploymentID(WORKER_NAME, name), workers))
+    set_workers(name, WORKER_NAME, workers)
     return _wait(name, workers, time.monotonic() + timeout, on_progress, "the scale timeout")
 
 

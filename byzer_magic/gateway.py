@@ -31,11 +31,10 @@ class _ServeDeployments:
     """The API's view of the cluster: Serve's details for listing, handles for answers."""
 
     async def models(self) -> list[dict[str, Any]]:
-        from ray.serve.context import _get_global_client
-
         from .deploy import table_of
+        from .raydoor import serve_details_async
 
-        details = await _get_global_client()._controller.get_serve_instance_details.remote()
+        details = await serve_details_async()
         return [{**row.details, "name": row.name} for row in table_of(details).rows]
 
     def stream(self, name: str, request: Messages | str, gen: GenParams) -> AsyncIterator[Delta]:
@@ -132,7 +131,7 @@ class Endpoint:
 
 def endpoint(*, ray_address: str | None = None) -> Endpoint | None:
     """The running endpoint, read from the cluster, or None."""
-    from .deploy import reason_in, serve_details
+    from .raydoor import reason_in, serve_details
 
     connect(ray_address, embedded_ok=False)
     app = serve_details().get("applications", {}).get(GATEWAY_APP)
@@ -160,7 +159,8 @@ def start(
     """
     import ray
     from ray import serve
-    from ray.serve.api import _run
+
+    from .raydoor import start_app
 
     connect(ray_address)
     current = endpoint()
@@ -179,7 +179,7 @@ def start(
     ).bind(host, port, key_digest(api_key))
     deadline = time.monotonic() + timeout
     try:
-        _run(app, _blocking=False, name=GATEWAY_APP, route_prefix=None)
+        start_app(app, GATEWAY_APP)
         while True:
             found = endpoint()
             if found and found.state == "running":
