@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import metrics
-from .raydoor import reason_in, serve_details, set_workers, start_app
+from .raydoor import deployment_options, reason_in, serve_details, set_workers, start_app
 from .cluster import connect, worker_runtime_env
 from .errors import DeployError, NotDeployedError, SpecError, redact
 from .spec import MAX_WORKERS, DeploySpec
@@ -171,7 +171,7 @@ def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> Deployme
         serve.delete(spec.name)
     _check_resources(spec.num_workers, spec.cpus_per_worker, spec.gpus_per_worker)
 
-    app = serve.deployment(Worker, name=WORKER_NAME).options(**worker_options(spec)).bind(spec)
+    app = serve.deployment(Worker, name=WORKER_NAME).options(**deployment_options(worker_options(spec))).bind(spec)
     deadline = time.monotonic() + spec.deploy_timeout
     try:
         start_app(app, spec.name, scalable=True)

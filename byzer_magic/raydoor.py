@@ -121,10 +121,23 @@ async def serve_details_async() -> dict[str, Any]:
 
 
 def can_scale_in_place() -> bool:
-    """Whether this Serve takes a new worker count without a redeploy (its external scaler, Ray 2.51 on)."""
+    """Whether this Serve takes a new worker count without a redeploy (its external scaler, Ray 2.53 on)."""
     from ray import serve
 
     return "external_scaler_enabled" in inspect.signature(serve.RunTarget).parameters
+
+
+def deployment_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Serve's deployment options less those this Ray's Serve does not take.
+
+    Only tuning is ever left out (`request_router_config`, which arrived in
+    Ray 2.48, sets how fast a caller retries a full worker); the options that
+    define a deployment exist in every Ray of the range.
+    """
+    from ray import serve
+
+    known = inspect.signature(serve.Deployment.options).parameters
+    return {key: value for key, value in options.items() if key in known}
 
 
 def start_app(app: Any, name: str, *, scalable: bool = False) -> None:
@@ -147,7 +160,7 @@ def set_workers(app: str, deployment: str, workers: int) -> None:
 
     if not can_scale_in_place():
         raise DeployError(
-            f"scaling in place needs Ray 2.51 or newer (Serve's external scaler); this is Ray {ray.__version__}: "
+            f"scaling in place needs Ray 2.53 or newer (Serve's external scaler); this is Ray {ray.__version__}: "
             f"redeploy with --force and --num_workers {workers} instead"
         )
     deployment_id = _private("ray.serve._private.common", "DeploymentID")(deployment, app)
