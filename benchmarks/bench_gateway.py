@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64)
     args = parser.parse_args()
     with tiny_server() as server:
-        up = gateway.start("127.0.0.1", free_port())
+        up = gateway.start("127.0.0.1", free_port(), "bench")
         deploy.deploy(spec(server, "bench_gw", 1))
         try:
             found = chat.run_on_client_loop(_latency(server, up.url, "bench_gw", args.requests))

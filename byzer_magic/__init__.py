@@ -11,6 +11,13 @@ from typing import Any
 __version__ = "0.1.0"
 
 
+def endpoint_key() -> str:
+    """The key `%byzer_serve` made for this user when none was given (see byzer_magic.endpoint_key)."""
+    from .endpoint_key import endpoint_key as read
+
+    return read()
+
+
 def load_ipython_extension(ipython: Any) -> None:
     """Called by `%load_ext byzer_magic`."""
     from .chat_line import keep_question_marks

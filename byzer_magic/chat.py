@@ -16,9 +16,10 @@ import logging
 import os
 import queue
 import socket
+import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Iterator, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Iterator, TextIO, TypeVar
 
 from . import metrics
 from .backends.base import Delta, Embeddings, GenParams, Messages
@@ -83,8 +84,10 @@ def forget(name: str) -> None:
 def _unwrap(name: str, exc: BaseException) -> BaseException:
     """Turn what Ray raises into the readable error the worker meant."""
     from ray.exceptions import RayActorError, RayTaskError
-    from ray.serve.exceptions import DeploymentUnavailableError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+    if isinstance(exc, BackPressureError):
+        return BackendError("queue", 503, f"{name!r} has a full queue (its --max_queued_requests); try again shortly")
     if isinstance(exc, DeploymentUnavailableError):
         forget(name)
         return NotDeployedError(f"{name!r} is no longer deployed (it was removed, perhaps from another kernel)")
@@ -116,7 +119,7 @@ async def _publish_outstanding() -> None:
     while True:
         await asyncio.sleep(1.0)
         now = dict(_outstanding)
-        due = {name: count for name, count in now.items() if count or sent.get(name)}
+        due = {name: now.get(name, 0) for name in {*now, *sent}}
         if due:
             try:
                 await asyncio.to_thread(metrics.publish_outstanding, _CALLER, due)
@@ -146,6 +149,8 @@ def _counted(name: str):
         yield
     finally:
         _outstanding[name] -= 1
+        if not _outstanding[name]:
+            del _outstanding[name]  # names asked for once (unknown ones too) must not stay for good
 
 
 async def astream(name: str, messages: Messages | str, gen: GenParams | None = None) -> AsyncIterator[Delta]:
@@ -155,20 +160,32 @@ async def astream(name: str, messages: Messages | str, gen: GenParams | None = N
     """
     handle = _handle(name)
     with _counted(name):
+        response = handle.options(stream=True).chat.remote(messages, gen or GenParams())
+        finished = False
         try:
-            async for delta in handle.options(stream=True).chat.remote(messages, gen or GenParams()):
+            async for delta in response:
                 yield delta
+            finished = True
         except _ray_errors() as exc:
+            finished = True
             raise _unwrap(name, exc) from None
+        finally:
+            if not finished:
+                # A caller that left (a closed stream, a cancelled task) cancels the request, queued or running.
+                response.cancel()
 
 
 async def acomplete(name: str, messages: Messages | str, gen: GenParams | None = None) -> list[Delta]:
     """The whole answer as deltas, in one round trip; must run on the client loop."""
     with _counted(name):
+        response = _handle(name).complete.remote(messages, gen or GenParams())
         try:
-            return await _handle(name).complete.remote(messages, gen or GenParams())
+            return await response
         except _ray_errors() as exc:
             raise _unwrap(name, exc) from None
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
 
 
 async def aembed(name: str, texts: list[str]) -> Embeddings:
@@ -251,3 +268,18 @@ def chat(name: str, prompt: str | Messages, gen: GenParams | None = None, *, sys
     """Ask and wait for the whole answer."""
     messages = messages_for(prompt, system)
     return ChatResult.of(run_on_client_loop(acomplete(name, messages, gen)))
+
+
+def echo(name: str, messages: Messages, gen: GenParams | None = None, out: TextIO | None = None) -> ChatResult:
+    """Stream an answer onto `out` (stdout) as it comes, then a newline; the whole answer is returned.
+
+    The one print-as-it-streams loop of the cell magic and the command line.
+    """
+    out = out or sys.stdout
+    deltas = []
+    for delta in stream(name, messages, gen):
+        deltas.append(delta)
+        out.write(delta.text)
+        out.flush()
+    out.write("\n")
+    return ChatResult.of(deltas)

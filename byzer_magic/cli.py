@@ -70,8 +70,31 @@ def _without_iri_grammar() -> None:
     sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[arg-type]
 
 
+def _hide_secrets(argv: list[str]) -> None:
+    """Take literal secrets out of this process's command line before anything records it.
+
+    A shell expands `saas.api_key=${KEY}` before the command starts, so the key
+    sits in argv: `ps` shows it, and Ray copies sys.argv into its job table
+    (`ray list jobs`, the dashboard) for the life of the cluster when a driver
+    connects. The parsed flags keep the values; what `ps` and Ray see is ***.
+    """
+    from .errors import redact
+    from .flags import secrets_in
+
+    secrets = secrets_in(argv)
+    if not secrets:
+        return
+    sys.argv[1:] = [redact(token, secrets) for token in argv]
+    try:
+        import setproctitle
+    except ImportError:
+        return
+    setproctitle.setproctitle(" ".join(["byzer-magic", *sys.argv[1:]]))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _hide_secrets(argv)
     _without_iri_grammar()
     if argv[:1] in (["deploy"], ["serve"]):
         args = argparse.Namespace(command=argv[0], flags=argv[1:])
@@ -160,10 +183,7 @@ def _chat(args: argparse.Namespace) -> int:
 
     connect(args.ray_address, embedded_ok=False)
     messages = chat_api.messages_for(" ".join(args.prompt), options.system)
-    for delta in chat_api.stream(args.name, messages, options.gen()):
-        sys.stdout.write(delta.text)
-        sys.stdout.flush()
-    print()
+    chat_api.echo(args.name, messages, options.gen())
     return 0
 
 
@@ -183,7 +203,8 @@ def _serve(argv: list[str]) -> int:
     if args.stop:
         _say(gateway.stop())
     else:
-        _say(gateway.start(args.host, args.port, args.api_key))
+        _say(gateway.start(args.host, args.port, args.api_key, allowed_hosts=args.allowed_hosts, force=args.force,
+                          max_body_mb=args.max_body_mb))
     return 0
 
 

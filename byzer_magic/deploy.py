@@ -132,7 +132,7 @@ def worker_options(spec: DeploySpec) -> dict[str, Any]:
     return dict(
         num_replicas=spec.num_workers,
         max_ongoing_requests=spec.worker_concurrency,
-        max_queued_requests=-1,
+        max_queued_requests=spec.max_queued_requests,
         ray_actor_options={
             "num_cpus": spec.cpus_per_worker,
             "num_gpus": spec.gpus_per_worker,
@@ -161,6 +161,7 @@ def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> Deployme
         # Workers run in other directories: a path relative to the notebook must not reach them as is.
         spec = replace(spec, model_path=str(Path(spec.model_path).expanduser().resolve()))
     connect(spec.ray_address)
+    _refuse_foreign(spec.name)
     existing = status(spec.name)
     if existing.state != "stopped":
         if not spec.force:
@@ -181,6 +182,16 @@ def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> Deployme
         if isinstance(exc, DeployError):
             raise DeployError(redact(str(exc), spec.secrets())) from None
         raise
+
+
+def _refuse_foreign(name: str) -> None:
+    """A Serve application that byzer_magic did not deploy is never replaced, --force or not."""
+    app = serve_details().get("applications", {}).get(name)
+    if app is not None and _ours(app) is None:
+        raise DeployError(
+            f"a Serve application named {name!r} runs on this cluster and was not deployed by byzer_magic; it is "
+            f"left alone: pick another --model"
+        )
 
 
 def _wait(name: str, workers: int, deadline: float, on_progress: Progress | None, timeout_flag: str) -> DeploymentStatus:

@@ -19,7 +19,7 @@ from .option_args import add_arguments, validated
 from .options import DeployFlags, ServeFlags
 
 _ENV_VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
-_SECRET_KEY = re.compile(r"(key|token|secret|password)", re.IGNORECASE)
+SECRET_KEY = re.compile(r"(key|token|secret|password)", re.IGNORECASE)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,12 +62,14 @@ def split_cell(text: str) -> list[str]:
 
 
 def secrets_in(tokens: Sequence[str]) -> list[str]:
-    """Literal values of secret-looking keys (api_key=..., token=...), to redact from errors."""
+    """Literal secrets in argv: values of secret-looking keys (api_key=..., --api_key K), to redact."""
     found = []
-    for token in tokens:
+    for before, token in zip(["", *tokens], tokens):
         key, sep, value = token.partition("=")
-        if sep and _SECRET_KEY.search(key) and value and not _ENV_VAR.fullmatch(value):
+        if sep and SECRET_KEY.search(key) and value and not _ENV_VAR.fullmatch(value):
             found.append(value)
+        elif before.startswith("--") and SECRET_KEY.search(before) and "=" not in before and token:
+            found.append(token)
     return found
 
 
@@ -76,7 +78,7 @@ def secrets_in_env(tokens: Sequence[str], env: Mapping[str, str]) -> list[str]:
     found = []
     for token in tokens:
         key, sep, value = token.partition("=")
-        if sep and _SECRET_KEY.search(key):
+        if sep and SECRET_KEY.search(key):
             found.extend(env.get(a or b, "") for a, b in _ENV_VAR.findall(value))
     return [v for v in found if v]
 
@@ -165,7 +167,10 @@ def _expand(value: str, env: Mapping[str, str], where: str) -> str:
     def lookup(match: re.Match) -> str:
         name = match.group(1) or match.group(2)
         if name not in env:
-            raise SpecError(f"{where}: environment variable ${name} is not set (set it with %env {name}=...)")
+            raise SpecError(
+                f"{where}: environment variable ${name} is not set (export it where Jupyter or the shell starts, or, "
+                f"leaving no trace in the notebook, run os.environ[{name!r}] = getpass.getpass() in a cell)"
+            )
         return env[name]
 
     return _ENV_VAR.sub(lookup, value)

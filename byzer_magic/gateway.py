@@ -20,10 +20,11 @@ from typing import Any, AsyncIterator, Iterator
 from .backends.base import Delta, Embeddings, GenParams, Messages
 from .cluster import connect, worker_runtime_env
 from .errors import DeployError, NotDeployedError
-from .openai_api import build_app, key_digest
-from .options import SERVE_DEFAULTS
+from .endpoint_key import endpoint_key, key_file
+from .openai_api import LOOPBACK_NAMES, build_app, key_digest, trusted_hosts
+from .options import RESERVED_NAME, SERVE_DEFAULTS
 
-GATEWAY_APP = "byzer_openai"
+GATEWAY_APP = RESERVED_NAME
 GATEWAY_NAME = "ByzerGateway"
 
 
@@ -70,7 +71,8 @@ def _listen(host: str, port: int) -> socket.socket:
 class Gateway:
     """The Serve replica that hosts the HTTP server."""
 
-    async def __init__(self, host: str, port: int, digest: str | None):
+    async def __init__(self, host: str, port: int, digest: str | None, allowed_hosts: list[str] | None = None,
+                       max_body_bytes: int = 16 << 20):
         import uvicorn
 
         class Server(uvicorn.Server):
@@ -81,7 +83,7 @@ class Gateway:
 
         sock = _listen(host, port)
         config = uvicorn.Config(
-            build_app(_ServeDeployments(), key_digest=digest),
+            build_app(_ServeDeployments(), key_digest=digest, allowed_hosts=allowed_hosts, max_body_bytes=max_body_bytes),
             log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2,
         )
         self._server = Server(config)
@@ -115,6 +117,7 @@ class Endpoint:
     auth: bool
     state: str
     message: str = ""
+    generated_key: bool = False
 
     @property
     def url(self) -> str:
@@ -122,8 +125,13 @@ class Endpoint:
         return f"http://{host}:{self.port}/v1"
 
     def __repr__(self) -> str:
-        key = "API key required" if self.auth else "no API key"
-        text = f"OpenAI-compatible endpoint {self.state} at {self.url} ({key}); stop it with %byzer_serve --stop"
+        if self.generated_key:
+            key = f"API key required: byzer_magic.endpoint_key() reads it from {key_file()}"
+        else:
+            key = "API key required" if self.auth else "no API key"
+        text = f"OpenAI-compatible endpoint {self.state} at {self.url} ({key})"
+        if self.state != "stopped":
+            text += "; stop it with %byzer_serve --stop"
         return f"{text}: {self.message}" if self.message else text
 
     __str__ = __repr__
@@ -141,7 +149,8 @@ def endpoint(*, ray_address: str | None = None) -> Endpoint | None:
     where = dep.get("deployment_config", {}).get("user_config") or {}
     state = {"RUNNING": "running", "DEPLOY_FAILED": "failed"}.get(app.get("status", ""), "starting")
     message = reason_in(dep.get("message") or app.get("message") or "") if state != "running" else ""
-    return Endpoint(str(where.get("host")), int(where.get("port") or 0), bool(where.get("auth")), state, message)
+    return Endpoint(str(where.get("host")), int(where.get("port") or 0), bool(where.get("auth")), state, message,
+                    where.get("key") == "generated")
 
 
 def start(
@@ -149,12 +158,17 @@ def start(
     port: int = SERVE_DEFAULTS.port,
     api_key: str | None = None,
     *,
+    allowed_hosts: str | None = None,
+    force: bool = False,
+    max_body_mb: float = SERVE_DEFAULTS.max_body_mb,
     ray_address: str | None = None,
     timeout: float = 60.0,
 ) -> Endpoint:
-    """Start the endpoint, replacing one that listens elsewhere or with another key.
+    """Start the endpoint, closed: with the key given, else the one kept for this user (endpoint_key).
 
-    The replica is pinned to this machine's Ray node, so 127.0.0.1 means the
+    A plain repeat keeps a running endpoint and its key; replacing one that
+    listens on loopback with one open to the network takes --force. The
+    replica is pinned to this machine's Ray node, so 127.0.0.1 means the
     machine the notebook runs on.
     """
     import ray
@@ -163,20 +177,28 @@ def start(
     from .raydoor import start_app
 
     connect(ray_address)
+    generated = api_key is None
+    api_key = api_key or endpoint_key()
     current = endpoint()
-    if current and current.state == "running" and (current.host, current.port) == (host, port) and not (api_key or current.auth):
+    if current and current.state == "running" and (current.host, current.port) == (host, port) and generated \
+            and current.generated_key and not force:
         return current
+    if current and current.host in LOOPBACK_NAMES and host not in LOOPBACK_NAMES and not force:
+        raise DeployError(
+            f"an endpoint already runs on {current.host}:{current.port}, reachable from this machine only; serving "
+            f"on {host} would open it to the network: add --force to replace it"
+        )
     if current:
         serve.delete(GATEWAY_APP)
     node = f"node:{ray.util.get_node_ip_address()}"
     app = serve.deployment(Gateway, name=GATEWAY_NAME).options(
         num_replicas=1,
         ray_actor_options={"num_cpus": 0, "resources": {node: 0.001}, "runtime_env": worker_runtime_env()},
-        user_config={"host": host, "port": port, "auth": bool(api_key)},
+        user_config={"host": host, "port": port, "auth": True, "key": "generated" if generated else "given"},
         max_constructor_retry_count=1,
         health_check_period_s=2,
         graceful_shutdown_timeout_s=5,
-    ).bind(host, port, key_digest(api_key))
+    ).bind(host, port, key_digest(api_key), trusted_hosts(host, allowed_hosts), int(max_body_mb * 2**20))
     deadline = time.monotonic() + timeout
     try:
         start_app(app, GATEWAY_APP)

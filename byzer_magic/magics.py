@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import os
 import shlex
-import sys
 import time
 from typing import Any, Callable
 
@@ -45,6 +44,11 @@ def _friendly(method: Callable) -> Callable:
             if not self.short_errors:
                 raise
             raise UsageError(str(exc)) from None
+        except KeyboardInterrupt:
+            if not self.short_errors:
+                raise
+            # One line instead of a traceback; a deploy has already deleted itself and a chat cancelled its request.
+            raise UsageError(f"%{method.__name__} interrupted") from None
 
     return wrapper
 
@@ -117,6 +121,7 @@ class ByzerMagics(Magics, Configurable):
     def __init__(self, shell: Any = None, **kwargs: Any):
         Configurable.__init__(self, config=shell.config if shell else None)
         Magics.__init__(self, shell=shell, **kwargs)
+        self._live_cards: dict[str, StatusCard] = {}
 
     @cell_magic
     @_friendly
@@ -175,13 +180,7 @@ class ByzerMagics(Magics, Configurable):
         messages = chat_api.messages_for(text.strip(), options.system)
         connect(self.ray_address, embedded_ok=False)
         if self.stream and not options.no_stream:
-            deltas = []
-            for delta in chat_api.stream(args.name, messages, options.gen()):
-                deltas.append(delta)
-                sys.stdout.write(delta.text)
-                sys.stdout.flush()
-            print()
-            result = chat_api.ChatResult.of(deltas)
+            result = chat_api.echo(args.name, messages, options.gen())
         else:
             result = chat_api.chat(args.name, messages, options.gen())
             print(result.text)
@@ -238,6 +237,14 @@ class ByzerMagics(Magics, Configurable):
         return getattr(self.shell, "kernel", None) is not None
 
     def _card(self, status: DeploymentStatus) -> StatusCard:
+        """A live card; an earlier card of the same deployment in this kernel stops polling (re-run cells)."""
+        earlier = self._live_cards.pop(status.name, None)
+        if earlier is not None:
+            earlier.stop_updates()
+        card = self._live_cards[status.name] = self._new_card(status)
+        return card
+
+    def _new_card(self, status: DeploymentStatus) -> StatusCard:
         return StatusCard(
             status,
             fetch=lambda name: deploy_api.status(name, with_metrics=True),
@@ -279,7 +286,8 @@ class ByzerMagics(Magics, Configurable):
         ray_address = args.ray_address or self.ray_address
         if args.stop:
             return gateway.stop(ray_address=ray_address)
-        return gateway.start(args.host, args.port, args.api_key, ray_address=ray_address)
+        return gateway.start(args.host, args.port, args.api_key, allowed_hosts=args.allowed_hosts, force=args.force,
+                             max_body_mb=args.max_body_mb, ray_address=ray_address)
 
     byzer_serve.__doc__ = f"""Serve every deployment at one OpenAI-compatible URL, from the cluster.
 

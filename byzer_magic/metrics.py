@@ -40,7 +40,6 @@ class RequestLog:
         self.served = 0
         self.errors = 0
         self.in_flight = 0
-        self.peak_in_flight = 0
         self.last_error = ""
         self._recent: deque[tuple[float, float, int]] = deque()
 
@@ -52,7 +51,6 @@ class RequestLog:
         cancellation) is not an error and counts as served.
         """
         self.in_flight += 1
-        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         since, tally = time.monotonic(), Tally()
         error: BaseException | None = None
         try:
@@ -85,7 +83,6 @@ class RequestLog:
             "served": self.served,
             "errors": self.errors,
             "in_flight": self.in_flight,
-            "peak_in_flight": self.peak_in_flight,
             "last_error": self.last_error,
             "minute_tokens": sum(r[2] for r in self._recent),
             "minute_latencies": sorted(latencies)[-200:],

@@ -8,13 +8,15 @@ Deployments are reached only through `Deployments`, so no Ray code lives here.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable, Literal, Protocol
+from typing import Any, AsyncIterator, Awaitable, Callable, Literal, Protocol, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -75,7 +77,7 @@ class StreamOptions(_Lenient):
 
 
 class _Generation(Sampling, _Lenient):
-    model: str = Field(min_length=1, description="a deployment's name, as %byzer_list shows it")
+    model: str = Field(min_length=1, max_length=64, description="a deployment's name, as %byzer_list shows it")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -106,7 +108,7 @@ class CompletionRequest(_Generation):
 
 
 class EmbeddingRequest(_Lenient):
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=64)
     input: str | list[str] = Field(description="a text, or a list of at most 2048 texts")
     encoding_format: Literal["float", "base64"] = "float"
 
@@ -267,13 +269,113 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """A request body over the limit is answered 413 before it is read (Content-Length) or as soon as it is."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def limited() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise _TooLarge
+            return message
+
+        async def watched(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited, watched)
+        except _TooLarge:
+            if not started:
+                await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: dict, receive: Callable, send: Callable) -> None:
+        mib = self.max_bytes / 2**20
+        error = ApiError(413, f"the request body is over {mib:g} MiB (the endpoint's --max_body_mb)",
+                         "invalid_request_error", code="request_too_large")
+        await error.response()(scope, receive, send)
+
+
 def key_digest(api_key: str | None) -> str | None:
     """What the gateway keeps of the key (see BearerAuth)."""
     return hashlib.sha256(api_key.encode()).hexdigest() if api_key else None
 
 
-def build_app(deployments: Deployments, *, key_digest: str | None = None) -> Any:
-    """The ASGI app: FastAPI routes wrapped in the bearer check."""
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def trusted_hosts(host: str, extra: str | None = None) -> list[str] | None:
+    """Host header values the endpoint answers to; None accepts any.
+
+    Bound to loopback, only this machine's own names: a web page the user opens
+    cannot reach it by pointing a DNS name at 127.0.0.1 (DNS rebinding). Bound
+    to one address, that address too; bound to every interface, any Host,
+    unless --allowed_hosts names them. The key is required either way.
+    """
+    named = [h.strip() for h in (extra or "").split(",") if h.strip()]
+    if host in LOOPBACK_NAMES:
+        return [*LOOPBACK_NAMES, *named]
+    if host in ("0.0.0.0", "::"):
+        return [*LOOPBACK_NAMES, host, *named] if named else None
+    return [*LOOPBACK_NAMES, host, *named]
+
+
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The caller closed its connection before its answer began."""
+
+
+async def _disconnected(http: Request) -> None:
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_gone(http: Request, work: Awaitable[T]) -> T:
+    """Await work unless the client disconnects first; then cancel it, so a queued request never reaches a backend.
+
+    Starlette notices a disconnect only once a response streams; before that
+    (queued behind busy workers, or a whole non-streamed answer) nothing would.
+    """
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(http))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    raise ClientGone
+
+
+def build_app(deployments: Deployments, *, key_digest: str | None = None, allowed_hosts: list[str] | None = None,
+              max_body_bytes: int = 16 << 20) -> Any:
+    """The ASGI app: FastAPI routes behind Starlette's Host header check, the bearer check and a body limit."""
     app = FastAPI(title="byzer_magic OpenAI-compatible API", version="1", docs_url=None, redoc_url=None)
     metrics = _Metrics()
 
@@ -343,16 +445,22 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None) -> Any
         metrics.observe(model, route, error.status, started, [], error)
         return error.response()
 
-    async def answer(route: str, body: _Generation, request: Messages | str, make: Callable, chunk: Callable) -> Response:
+    async def answer(route: str, body: _Generation, request: Messages | str, make: Callable, chunk: Callable,
+                     http: Request) -> Response:
         started = time.perf_counter()
         gen = body.gen()
+        stream: AsyncIterator[Delta] | None = None
         try:
             if not body.stream:
-                deltas = await deployments.complete(body.model, request, gen)
+                deltas = await _unless_gone(http, deployments.complete(body.model, request, gen))
                 metrics.observe(body.model, route, 200, started, deltas, None)
                 return _json(make(deltas))
             stream = deployments.stream(body.model, request, gen)
-            first = await anext(stream, None)
+            first = await _unless_gone(http, anext(stream, None))
+        except ClientGone:
+            if stream is not None:
+                await stream.aclose()
+            return Response(status_code=499)
         except Exception as exc:
             return await _refused_request(body.model, route, started, exc)
         return StreamingResponse(
@@ -385,7 +493,7 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None) -> Any
             metrics.observe(body.model, route, error.status if error else 200, started, seen, error)
 
     @app.post("/v1/chat/completions", responses=_MODEL_ERRORS)
-    async def chat_completions(body: ChatRequest) -> Response:
+    async def chat_completions(body: ChatRequest, http: Request) -> Response:
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def make(deltas: list[Delta]) -> ChatCompletion:
@@ -405,10 +513,10 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None) -> Any
             return ChatCompletionChunk(id=ident, object="chat.completion.chunk", created=created, model=body.model,
                                        choices=choices, usage=usage)
 
-        return await answer("chat", body, [m.as_dict() for m in body.messages], make, chunk)
+        return await answer("chat", body, [m.as_dict() for m in body.messages], make, chunk, http)
 
     @app.post("/v1/completions", responses=_MODEL_ERRORS)
-    async def completions(body: CompletionRequest) -> Response:
+    async def completions(body: CompletionRequest, http: Request) -> Response:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             return ApiError(400, "prompt: send one prompt per request", "invalid_request_error", "prompt").response()
@@ -431,7 +539,7 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None) -> Any
             return Completion.model_construct(id=ident, object="text_completion", created=created,
                                               model=body.model, choices=[choice])
 
-        return await answer("completions", body, prompts[0], make, chunk)
+        return await answer("completions", body, prompts[0], make, chunk, http)
 
     @app.post("/v1/embeddings", responses=_MODEL_ERRORS)
     async def embeddings(body: EmbeddingRequest) -> Response:
@@ -451,4 +559,8 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None) -> Any
         metrics.observe(body.model, "embeddings", 200, started, [], None)
         return _json(CreateEmbeddingResponse.model_construct(object="list", model=body.model, data=data, usage=usage))
 
-    return BearerAuth(app, key_digest)
+    if allowed_hosts is not None:
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
+    return BodyLimit(BearerAuth(app, key_digest), max_body_bytes)

@@ -23,6 +23,8 @@ from .backends import LOCAL_BACKENDS
 from .backends.base import GenParams
 
 MAX_WORKERS = 256
+RESERVED_NAME = "byzer_openai"
+"""The Serve application of the OpenAI endpoint; no deployment may take (and so replace) it."""
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 _FLAGS = ConfigDict(extra="forbid", protected_namespaces=(), coerce_numbers_to_str=True, allow_inf_nan=False)
@@ -45,6 +47,9 @@ class DeployFlags(BaseModel):
     num_workers: int = Field(1, ge=1, le=MAX_WORKERS, description="workers, i.e. Ray Serve replicas")
     worker_concurrency: int | None = Field(
         None, ge=1, description="requests one worker takes at once: 1, but backend.max_num_seqs or 256 for vllm")
+    max_queued_requests: int = Field(
+        1024, ge=-1, description="requests a caller may queue for this deployment beyond what its workers hold; "
+                                 "past it a request is refused at once (503); -1: no limit")
     cpus_per_worker: float = Field(0.001, ge=0, description="Ray CPUs per worker, fractions allowed")
     gpus_per_worker: float = Field(0.0, ge=0, description="Ray GPUs per worker")
     infer_params: dict[str, Any] = Field(
@@ -65,6 +70,8 @@ class DeployFlags(BaseModel):
         if not NAME_PATTERN.match(value):
             raise ValueError("is not a valid name: use letters, digits, '_', '-' or '.', "
                              "start with a letter or digit, at most 64 characters")
+        if value == RESERVED_NAME:
+            raise ValueError("is the name of the OpenAI endpoint (%byzer_serve): pick another name")
         return value
 
 
@@ -76,8 +83,14 @@ class ServeFlags(BaseModel):
     host: str = Field("127.0.0.1", description="address to listen on; 127.0.0.1 is this machine only, "
                                                "0.0.0.0 opens it to the network")
     port: int = Field(8000, ge=1, le=65535, description="TCP port")
-    api_key: str | None = Field(None, description="require `Authorization: Bearer KEY` on every route but /health; "
-                                                  "${VAR} reads it from the environment")
+    api_key: str | None = Field(None, description="the key every route but /health requires (`Authorization: Bearer "
+                                                  "KEY`); ${VAR} reads it from the environment; default: a key made "
+                                                  "once and kept in ~/.byzer_magic/endpoint_key")
+    allowed_hosts: str | None = Field(None, description="comma-separated Host header values to accept besides this "
+                                                        "machine's loopback names (for a proxy or a DNS name)")
+    force: bool = Field(False, description="replace a running endpoint even where the new one is less protected")
+    max_body_mb: float = Field(16.0, gt=0, le=1024, description="largest request body, in MiB; a larger one gets 413 "
+                                                                "before it is read")
     stop: bool = Field(False, description="stop the endpoint (the deployments keep running)")
     ray_address: str | None = Field(None, description="Ray cluster to use; default RAY_ADDRESS, else the running one")
 
@@ -85,7 +98,8 @@ class ServeFlags(BaseModel):
     @classmethod
     def _not_empty(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
-            raise ValueError("is empty: give the key, or leave --api_key out to serve without one")
+            raise ValueError("is empty (a shell may have expanded an unset variable): give the key, or leave "
+                             "--api_key out to use the one kept in ~/.byzer_magic/endpoint_key")
         return value
 
 

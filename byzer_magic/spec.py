@@ -16,13 +16,15 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from urllib.parse import urlsplit, urlunsplit
+
 from pydantic import SecretStr, ValidationError
 
 from .backends import BACKENDS, EMBEDDING_TYPES, LOCAL_BACKENDS, BackendInfo
 from .backends.base import BackendSettings
 from .backends.providers import PROVIDER_BASE_URLS
 from .errors import SpecError, redact
-from .flags import Flags, did_you_mean, read_flags, secrets_in, secrets_in_env, split_cell
+from .flags import SECRET_KEY, Flags, did_you_mean, read_flags, secrets_in, secrets_in_env, split_cell
 from .option_args import default_of, validated
 from .options import MAX_WORKERS, DeployFlags  # noqa: F401 - deploy.scale bounds workers by MAX_WORKERS too
 
@@ -44,6 +46,7 @@ class DeploySpec:
     ray_address: str | None = None
     force: bool = default_of(DeployFlags, "force")
     deploy_timeout: float = default_of(DeployFlags, "deploy_timeout")
+    max_queued_requests: int = default_of(DeployFlags, "max_queued_requests")
 
     @property
     def info(self) -> BackendInfo:
@@ -59,22 +62,28 @@ class DeploySpec:
         """The endpoint a SaaS worker calls: saas.base_url, else the provider's."""
         return getattr(self.params, "base_url", None) or PROVIDER_BASE_URLS.get(self.provider or "")
 
+    def _values(self) -> dict[str, Any]:
+        return {**self.params.__dict__, **(self.params.model_extra or {})}
+
     def secrets(self) -> list[str]:
-        """Secret values in this spec, for redacting text that might echo them."""
-        return [
-            value.get_secret_value()
-            for value in self.params.__dict__.values()
-            if isinstance(value, SecretStr)
-        ]
+        """Secret values in this spec (typed secrets, secret-named keys, passwords in URLs), for redacting text."""
+        found = []
+        for key, value in self._values().items():
+            if isinstance(value, SecretStr):
+                found.append(value.get_secret_value())
+            elif isinstance(value, str) and SECRET_KEY.search(key):
+                found.append(value)
+            elif isinstance(value, str) and (password := urlsplit(value).password if "://" in value else None):
+                found.append(password)
+        return [value for value in found if value]
 
     def public_params(self) -> dict[str, Any]:
-        """infer_params as the user wrote them, secrets shown as ***."""
+        """infer_params as the user wrote them, every secret-looking value shown as ***."""
         prefix = self.info.prefix
-        values = {**self.params.__dict__, **(self.params.model_extra or {})}
         return {
-            f"{prefix}{key}": "***" if isinstance(value, SecretStr) else value
-            for key, value in values.items()
-            if key in self.params.model_fields_set
+            f"{prefix}{key}": _masked(key, value)
+            for key, value in self._values().items()
+            if key in self.params.model_fields_set or key in (self.params.model_extra or {})
         }
 
     def describe(self) -> dict[str, Any]:
@@ -87,7 +96,7 @@ class DeploySpec:
             "provider": self.provider,
             "model": model,
             "task": self.task,
-            "base_url": self.base_url if self.backend == "saas" else None,
+            "base_url": _masked("base_url", self.base_url) if self.backend == "saas" else None,
             "num_workers": self.num_workers,
             "worker_concurrency": self.worker_concurrency,
             "cpus_per_worker": self.cpus_per_worker,
@@ -106,6 +115,17 @@ class DeploySpec:
         )
 
     __str__ = __repr__
+
+
+def _masked(key: str, value: Any) -> Any:
+    """*** for a secret, or for a secret-named key; a URL keeps everything but its password."""
+    if isinstance(value, SecretStr) or (isinstance(value, str) and value and SECRET_KEY.search(key)):
+        return "***"
+    if isinstance(value, str) and "://" in value:
+        parts = urlsplit(value)
+        if parts.password:
+            return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
+    return value
 
 
 def parse_spec(text: str, env: Mapping[str, str] | None = None) -> DeploySpec:
@@ -153,6 +173,7 @@ def _build(flags: Flags) -> DeploySpec:
         ray_address=f.ray_address or None,
         force=f.force,
         deploy_timeout=f.deploy_timeout,
+        max_queued_requests=f.max_queued_requests,
     )
 
 
@@ -229,6 +250,11 @@ def _settings(info: BackendInfo, model_type: str, raw: dict[str, Any]) -> Backen
     values: dict[str, Any] = {}
     open_keys: Mapping[str, Any] | None = {}
     for key, value in raw.items():
+        if SECRET_KEY.search(key) and isinstance(value, str) and not value.strip():
+            raise SpecError(
+                f"--infer_params {key} is empty: a shell may have expanded an unset variable (write '${{VAR}}' in "
+                f"single quotes, or set VAR first); give the secret itself or ${{VAR}}"
+            )
         bare = key[len(info.prefix):] if key.startswith(info.prefix) else None
         if bare in model.model_fields:
             values[bare] = value

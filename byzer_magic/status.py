@@ -4,9 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-STATES = ("deploying", "ready", "degraded", "failed", "stopped")
-
-
 @dataclass(frozen=True)
 class DeploymentStatus:
     """What a user wants to know about one deployment at a glance."""

@@ -24,6 +24,8 @@ import pytest
 from byzer_magic.tinymodel import TinyModel, build
 
 ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("BYZER_MAGIC_HOME", tempfile.mkdtemp(prefix="byzer-home-"))
+"""The endpoint's generated key goes to a folder of the test run's, not the user's home."""
 
 
 def free_port() -> int:
@@ -184,3 +186,16 @@ def alive_replicas(app: str) -> list:
 
     actors = list_actors(filters=[("state", "=", "ALIVE")], limit=10000)
     return [a for a in actors if f":{app}:" in (a.class_name or "") or (a.name or "").startswith(f"SERVE_REPLICA::{app}#")]
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark `ray` every test that needs a Ray cluster, so `pytest -m "not ray"` runs the fast ones alone.
+
+    A test needs one when it uses the session's cluster (the `ray_head`
+    fixture, directly or through another fixture) or lives in a module whose
+    kernels, notebooks or browser start Ray of their own.
+    """
+    own_ray = {"test_notebooks", "test_binder", "test_browser", "test_cli_and_restart"}
+    for item in items:
+        if "ray_head" in getattr(item, "fixturenames", ()) or item.module.__name__.rsplit(".", 1)[-1] in own_ray:
+            item.add_marker(pytest.mark.ray)

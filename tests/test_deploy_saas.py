@@ -107,6 +107,65 @@ def test_scale_on_a_ray_without_an_external_scaler_says_how_to_redeploy(deployed
     assert deploy.status(deployed).workers_wanted == 2
 
 
+@IN_PLACE
+def test_scale_to_zero_gives_the_workers_back_and_one_brings_a_worker_again(ray_head, clean_server):
+    deploy.deploy(saas_spec(clean_server, "napping", 1))
+    try:
+        down = deploy.scale("napping", 0)
+        assert (down.state, down.workers_ready, down.workers_wanted) == ("ready", 0, 0)
+        assert alive_replicas("napping") == []
+        assert "napping" in [row.name for row in deploy.list_deployments().rows]
+        up = deploy.scale("napping", 1)
+        assert up.workers_ready == 1 and len(alive_replicas("napping")) == 1
+        assert chat.chat("napping", "hi", GREEDY).text
+    finally:
+        deploy.undeploy("napping")
+
+
+def test_a_serve_app_byzer_magic_did_not_deploy_is_never_replaced(ray_head, clean_server):
+    from ray import serve
+
+    @serve.deployment(name="Theirs")
+    class Theirs:
+        def __call__(self) -> str:
+            return "theirs"
+
+    serve.run(Theirs.bind(), name="someone_elses", route_prefix=None)
+    try:
+        for force in ("", "--force"):
+            with pytest.raises(DeployError, match="was not deployed by byzer_magic; it is left alone"):
+                deploy.deploy(saas_spec(clean_server, "someone_elses", 1, extra=force))
+        assert serve.status().applications["someone_elses"].status == "RUNNING"
+    finally:
+        serve.delete("someone_elses")
+
+
+def test_a_full_queue_refuses_at_once_instead_of_waiting(ray_head, clean_server):
+    import time
+
+    deploy.deploy(saas_spec(clean_server, "short_queue", 1, extra="--max_queued_requests 2"))
+    try:
+        clean_server.control(delay=1.0, reset=True)
+        outcomes: list = []
+
+        def ask() -> None:
+            started = time.monotonic()
+            try:
+                chat.chat("short_queue", "hi", GREEDY)
+                outcomes.append(("answered", time.monotonic() - started))
+            except BackendError as exc:
+                outcomes.append((str(exc), time.monotonic() - started))
+
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(lambda _: ask(), range(6)))
+        refused = [took for what, took in outcomes if "full queue" in what and "503" in what]
+        assert len(refused) >= 2 and max(refused) < 0.9, outcomes
+        assert sum(what == "answered" for what, _ in outcomes) + len(refused) == 6
+    finally:
+        clean_server.control(delay=0.0)
+        deploy.undeploy("short_queue")
+
+
 def test_undeploy_removes_every_actor_and_the_name(ray_head, clean_server):
     deploy.deploy(saas_spec(clean_server, "gone_soon", 2))
     assert len(alive_replicas("gone_soon")) == 2

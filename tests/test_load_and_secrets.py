@@ -111,3 +111,38 @@ def test_a_key_given_three_ways_appears_nowhere(ray_head, clean_server, tmp_path
         assert key[3:15] not in everything
         for log in logs:
             assert key.encode() not in log.read_bytes(), log
+
+
+def test_a_key_on_the_command_line_leaves_ps_and_the_job_table(ray_head):
+    """The shell expands ${KEY} before byzer-magic starts; once it runs, `ps` and Ray's job table show *** instead."""
+    import subprocess
+    import sys
+    import time
+
+    from ray.util.state import list_jobs
+
+    from byzer_magic import gateway
+
+    from .conftest import ROOT, free_port
+
+    key = "sk-cmdline-7d2f9b4e1a6c3e8f"
+    proc = subprocess.Popen([sys.executable, "-m", "byzer_magic.cli", "serve", "--port", str(free_port()),
+                             "--api_key", key], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    while proc.poll() is None:
+        try:
+            seen.append(Path(f"/proc/{proc.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:
+            break
+        time.sleep(0.02)
+    out, err = proc.communicate(timeout=120)
+    try:
+        assert proc.returncode == 0, err
+        hidden = [i for i, line in enumerate(seen) if "***" in line]
+        assert hidden, f"the command line was never rewritten: {seen[-1:]}"
+        assert all(key not in line for line in seen[hidden[0]:])
+        jobs = repr(list_jobs(detail=True, limit=10000))
+        assert "byzer_magic.cli" in jobs or "byzer-magic" in jobs, "the CLI's driver is in the job table"
+        assert key not in jobs and key not in out + err
+    finally:
+        gateway.stop()

@@ -188,6 +188,23 @@ def test_an_abandoned_vllm_stream_is_aborted_in_the_engine(vllm_chat):
     wait_until(lambda: worker_stats(vllm_chat)["running"] == 0, 5, "the engine to drop the abandoned request")
 
 
+def test_vllm_honours_ignore_eos_and_the_endpoint_takes_it(vllm_chat):
+    whole = chat.chat(vllm_chat, PROMPT, GenParams(temperature=0, max_tokens=40, ignore_eos=True))
+    assert whole.usage["completion_tokens"] == 40 and whole.finish_reason == "length"
+
+
+def test_a_vllm_engine_that_cannot_start_says_why_and_leaves_nothing(ray_head, tiny_model):
+    """The cause lives in the engine process's log; the deploy must show it, not "See root cause above"."""
+    spec = local("vllm", tiny_model.hf_dir, "vllm_no_room",
+                 "--infer_params backend.dtype=float32 backend.max_model_len=2048 backend.kv_cache_memory_bytes=1048576")
+    with pytest.raises(DeployError) as failed:
+        deploy.deploy(spec)
+    message = str(failed.value)
+    assert "max seq len (2048)" in message and "KV cache" in message, message
+    assert "See root cause above" not in message
+    assert alive_replicas("vllm_no_room") == []
+
+
 def test_the_same_greedy_tokens_from_transformers_vllm_and_llama_cpp(hf_chat, vllm_chat, tiny_model, reference):
     """The cross-check: one tiny Llama, HF files and its f32 GGUF, three engines.
 

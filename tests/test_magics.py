@@ -109,3 +109,17 @@ def test_magics_work_inside_a_running_event_loop_as_in_jupyter(shell, capfd, ray
     text = "".join(capfd.readouterr())
     assert "Error" not in text, text
     assert shell.user_ns["reply"].text
+
+
+def test_ctrl_c_in_a_magic_is_one_line(shell, capsys):
+    """An interrupt while the cluster is asked (here: the listing) ends as one line, not a traceback."""
+    from unittest import mock
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    with mock.patch("byzer_magic.deploy.list_deployments", interrupted):
+        shell.run_cell("%byzer_list", store_history=False)
+    out = capsys.readouterr()
+    shown = out.err + out.out
+    assert "byzer_list interrupted" in shown and "Traceback" not in shown and "KeyboardInterrupt" not in shown

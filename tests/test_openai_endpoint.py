@@ -16,6 +16,7 @@ import pytest
 
 from byzer_magic import chat, deploy, gateway
 from byzer_magic.backends.base import GenParams
+from byzer_magic.endpoint_key import endpoint_key
 from byzer_magic.errors import DeployError
 
 from .conftest import ROOT, alive_replicas, free_port
@@ -219,7 +220,9 @@ def test_cli_serve_and_stop(served, ray_head):
     try:
         started = cli("serve", "--port", str(port))
         assert started.returncode == 0 and f"http://127.0.0.1:{port}/v1" in started.stdout
-        assert http(f"http://127.0.0.1:{port}/v1/models")[0] == 200
+        assert endpoint_key() not in started.stdout + started.stderr
+        assert http(f"http://127.0.0.1:{port}/v1/models")[0] == 401
+        assert http(f"http://127.0.0.1:{port}/v1/models", key=endpoint_key())[0] == 200
         bad = cli("serve", "--prot", "9000")
         assert bad.returncode == 2 and "Did you mean --port?" in bad.stderr
         stopped = cli("serve", "--stop")
@@ -227,6 +230,96 @@ def test_cli_serve_and_stop(served, ray_head):
         assert gateway.endpoint() is None
     finally:
         gateway.start(served.host, served.port, KEY)
+
+
+def test_a_plain_serve_is_closed_keeps_its_key_and_checks_the_host(served):
+    """No key given: the user's own kept key is required; a second plain serve keeps the first; a foreign Host is refused."""
+    port = free_port()
+    try:
+        first = gateway.start("127.0.0.1", port)
+        assert first.auth and first.generated_key and endpoint_key() not in repr(first)
+        url = f"http://127.0.0.1:{port}/v1/models"
+        assert http(url)[0] == 401
+        assert http(url, key=endpoint_key())[0] == 200
+        replica = alive_replicas(gateway.GATEWAY_APP)
+        again = gateway.start("127.0.0.1", port)
+        assert again == first and alive_replicas(gateway.GATEWAY_APP) == replica, "a plain repeat must not replace it"
+        rebound = urllib.request.Request(url, headers={"Host": "attacker.example", "Authorization": f"Bearer {endpoint_key()}"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(rebound, timeout=30)
+        assert refused.value.code == 400
+        with pytest.raises(DeployError, match="open it to the network: add --force"):
+            gateway.start("0.0.0.0", port)
+        assert http(url, key=endpoint_key())[0] == 200
+    finally:
+        gateway.start(served.host, served.port, KEY)
+
+
+def _gateway_rss_mib() -> float:
+    import psutil
+
+    found = [p for p in psutil.process_iter(["cmdline"]) if "ServeReplica:byzer_openai" in " ".join(p.info["cmdline"] or [])]
+    assert len(found) == 1, "one gateway process"
+    return found[0].memory_info().rss / 2**20
+
+
+def test_a_40_mib_body_is_refused_before_it_is_read(served):
+    import socket
+    import time
+
+    before = _gateway_rss_mib()
+    started = time.monotonic()
+    with socket.create_connection((served.host, served.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 41943040\r\n\r\n")
+        answer = sock.recv(65536).decode()
+    took = time.monotonic() - started
+    assert answer.startswith("HTTP/1.1 413") and "request_too_large" in answer and took < 1.0, (answer[:200], took)
+    assert _gateway_rss_mib() - before < 50
+
+
+def test_unknown_and_oversized_model_names_leave_the_gateways_memory_flat(served):
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = f"{served.url}/chat/completions"
+    huge = http(url, {"model": "m" * 100_000, "messages": HELLO}, key=KEY)
+    assert huge[0] == 400 and huge[1]["error"]["param"] == "model"
+    http(url, {"model": "warm_up_unknown", "messages": HELLO}, key=KEY)
+    before = _gateway_rss_mib()
+    with ThreadPoolExecutor(16) as pool:
+        codes = set(pool.map(lambda i: http(url, {"model": f"unknown_{i:05d}_" + "x" * 40, "messages": HELLO},
+                                              key=KEY)[0], range(2000)))
+    assert codes == {404}
+    assert _gateway_rss_mib() - before < 20
+
+
+def test_clients_that_give_up_while_queued_never_reach_the_provider(served, openai_server):
+    """One request holds ep_saas's only worker; ten more queue behind it and hang up: none reaches the provider."""
+    import socket
+    import threading
+    import time
+
+    body = json.dumps({"model": "ep_saas", "messages": HELLO, "max_tokens": 2, "stream": True}).encode()
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+               + b"\r\n\r\n" + body)
+    openai_server.control(delay=2.0, reset=True)
+    try:
+        busy = threading.Thread(target=http, args=(f"{served.url}/chat/completions",
+                                                   {"model": "ep_saas", "messages": HELLO, "max_tokens": 2}, KEY))
+        busy.start()
+        time.sleep(0.5)
+        quitters = [socket.create_connection((served.host, served.port), timeout=10) for _ in range(10)]
+        for sock in quitters:
+            sock.sendall(request)
+        time.sleep(0.5)
+        for sock in quitters:
+            sock.close()
+        busy.join(30)
+        time.sleep(3.0)
+        assert openai_server.stats()["requests"] == 1
+    finally:
+        openai_server.control(delay=0.0)
 
 
 def test_schemathesis_finds_no_request_that_crashes_it(served):

@@ -189,6 +189,7 @@ BAD = [
     ("--model x --infer_backend vllm --model_path /m --gpus_per_worker 2.5", "vllm needs whole GPUs"),
     ("--model x --infer_backend llama_cpp --model_path /m.gguf --worker_concurrency 0", "--worker_concurrency must be 1"),
     ("--model 'has space' --infer_backend llama_cpp --model_path /m.gguf", "not a valid name"),
+    ("--model byzer_openai --infer_backend llama_cpp --model_path /m.gguf", "is the name of the OpenAI endpoint"),
     ("--model 'x;rm -rf' --infer_backend llama_cpp --model_path /m.gguf", "not a valid name"),
     ("--model x --num_wokers 2", "unknown flag --num_wokers. Did you mean --num_workers"),
     ("--model x --num 2", "unknown flag --num"),
@@ -238,3 +239,23 @@ def test_every_flag_has_help_text_from_the_model():
             "cpus_per_worker", "gpus_per_worker", "infer_params", "ray_address", "file"} <= set(DeployFlags.model_fields)
     text = build_parser().format_help()
     assert all(f"--{name}" in text for name in DeployFlags.model_fields)
+
+
+def test_every_secret_looking_setting_is_masked_and_an_empty_one_refused():
+    token = parse_spec("--model v --infer_backend vllm --model_path /m "
+                       "--infer_params backend.hf_token=hf_secret123 backend.max_model_len=64")
+    assert "hf_secret123" not in repr(token) + str(token.describe())
+    assert "hf_secret123" in token.secrets()
+    url = parse_spec("--model s --pretrained_model_type saas/openai --infer_params saas.api_key=sk-abc "
+                     "saas.model=m saas.base_url=http://me:pa55word@127.0.0.1:9/v1")
+    shown = repr(url) + str(url.describe())
+    assert "pa55word" not in shown and "http://me:***@127.0.0.1:9/v1" in shown
+    with pytest.raises(SpecError, match="saas.api_key is empty: a shell may have expanded an unset variable"):
+        parse_spec("--model s --pretrained_model_type saas/openai --infer_params saas.api_key= saas.model=m")
+
+
+def test_an_unset_variable_hint_leaves_no_trace_in_the_notebook():
+    with pytest.raises(SpecError) as unset:
+        parse_spec("--model s --pretrained_model_type saas/openai --infer_params saas.api_key=${NOT_SET_X} saas.model=m")
+    assert "%env" not in str(unset.value) and "getpass" in str(unset.value)
+

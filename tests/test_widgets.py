@@ -127,3 +127,27 @@ def test_the_card_counts_requests_queued_in_callers(ray_head, clean_server):
         card.close()
         clean_server.control(delay=0)
         deploy.undeploy("queueing")
+
+
+def test_re_running_list_leaves_one_polling_card_per_deployment(ray_head, clean_server, shell):
+    """A re-run cell draws new cards; the earlier card of the same deployment stops polling."""
+    import time
+
+    from byzer_magic.magics import ByzerMagics
+
+    deploy.deploy(saas_spec(clean_server, "card_rerun", 1))
+    try:
+        magics = next(c for c in shell.configurables if isinstance(c, ByzerMagics))
+        row = deploy.status("card_rerun")
+        cards = [magics._card(row) for _ in range(5)]
+        for card in cards:
+            card.start_updates()
+        time.sleep(0.2)
+        polling = [t for t in threading.enumerate() if t.name == "byzer-card-card_rerun" and t.is_alive()]
+        assert len(polling) == 1
+        assert cards[-1]._thread in polling
+    finally:
+        for card in cards:
+            card.stop_updates()
+        deploy.undeploy("card_rerun")
+
