@@ -226,13 +226,43 @@ def scale(
     if not 0 <= workers <= MAX_WORKERS:
         raise SpecError(f"cannot scale to {workers} workers: use 0 to {MAX_WORKERS} (0 keeps the deployment "
                           f"but gives its CPUs and GPUs back)")
-    current = require(name, ray_address=ray_address)
+    current = require(name, ray_address=ray_address, with_metrics=True)
     extra = max(0, workers - current.workers_wanted)
     if extra:
         per_worker = current.details
         _check_resources(extra, per_worker.get("cpus_per_worker") or 0, per_worker.get("gpus_per_worker") or 0)
+        _check_memory(extra, current.metrics.get("largest_worker_bytes") or 0)
     set_workers(name, WORKER_NAME, workers)
-    return _wait(name, workers, time.monotonic() + timeout, on_progress, "the scale timeout")
+    try:
+        return _wait(name, workers, time.monotonic() + timeout, on_progress, "the scale timeout")
+    except (DeployError, KeyboardInterrupt) as exc:
+        # A scale that cannot finish goes back to the count before it, instead of leaving Serve adding workers.
+        set_workers(name, WORKER_NAME, current.workers_wanted)
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise DeployError(f"{exc}; scaled back to {current.workers_wanted} workers") from None
+
+
+def _check_memory(extra: int, per_worker: int) -> None:
+    """Refuse a scale-up whose workers, each the size of the largest running one, do not fit the memory left.
+
+    Ray's CPU count let a SaaS deployment grow to 300 workers of about 184 MB
+    each on a 24 GiB machine, until Ray's memory monitor killed workers; the
+    workers report their resident memory, so the scale is refused up front.
+    """
+    import psutil
+    import ray
+
+    if not per_worker:
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    free = psutil.virtual_memory().available if len(nodes) <= 1 else ray.available_resources().get("memory", 0)
+    need = extra * per_worker
+    if need > free * 0.9:
+        raise DeployError(
+            f"{extra} more workers of about {per_worker / 2**20:.0f} MiB each need {need / 2**30:.1f} GiB; the "
+            f"cluster has {free / 2**30:.1f} GiB of memory free. Scale to fewer workers."
+        )
 
 
 def undeploy(name: str, *, ray_address: str | None = None) -> None:

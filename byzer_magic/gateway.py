@@ -54,6 +54,44 @@ class _ServeDeployments:
         return await aembed(name, texts)
 
 
+HEADER_TIMEOUT_S = 5.0
+"""A connection must finish its request's headers this soon, or it is closed (uvicorn has no such limit)."""
+
+
+def _protocol() -> type:
+    """uvicorn's HTTP protocol with a deadline for each request's headers.
+
+    uvicorn closes a connection idle after a response (timeout_keep_alive) but
+    waits forever on one whose request never finishes arriving: 800 half-sent
+    connections were held here. Each connection gets HEADER_TIMEOUT_S to send
+    its headers, counted again for each request on it.
+    """
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    except ImportError:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base
+
+    class Deadline(Base):  # type: ignore[misc, valid-type]
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._headers_due = self.loop.call_later(HEADER_TIMEOUT_S, self._too_slow)
+
+        def _too_slow(self) -> None:
+            if self.cycle is None or self.cycle.response_complete:
+                self.transport.close()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._headers_due.cancel()
+            self._headers_due = self.loop.call_later(HEADER_TIMEOUT_S + self.timeout_keep_alive, self._too_slow)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._headers_due.cancel()
+            super().connection_lost(exc)
+
+    return Deadline
+
+
 def _listen(host: str, port: int) -> socket.socket:
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
@@ -84,7 +122,7 @@ class Gateway:
         sock = _listen(host, port)
         config = uvicorn.Config(
             build_app(_ServeDeployments(), key_digest=digest, allowed_hosts=allowed_hosts, max_body_bytes=max_body_bytes),
-            log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2,
+            log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2, http=_protocol(),
         )
         self._server = Server(config)
         self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]))

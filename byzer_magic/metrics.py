@@ -151,4 +151,5 @@ def combine(summaries: list[dict[str, Any]], outstanding: int = 0) -> dict[str, 
         "tokens_per_s": sum(s.get("minute_tokens", 0) for s in summaries) / WINDOW_S,
         "median_latency_s": statistics.median(latencies) if latencies else None,
         "last_error": errors[-1] if errors else "",
+        "largest_worker_bytes": max((s.get("rss_bytes", 0) for s in summaries), default=0),
     }

@@ -5,6 +5,7 @@ health checks and restarts; this class only adapts a backend to them.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any, AsyncIterator
@@ -106,6 +107,18 @@ class Worker:
         with self._log.request():
             return await embed([str(text) for text in texts])
 
+    @staticmethod
+    def _rss() -> int:
+        """This worker's resident memory with its child processes (a vLLM engine's), for sizing a scale-up."""
+        import psutil
+
+        me = psutil.Process()
+        total = me.memory_info().rss
+        for child in me.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                total += child.memory_info().rss
+        return total
+
     def stats(self) -> dict[str, Any]:
         return {**self._backend.stats(), **self._log.summary(), "pid": os.getpid()}
 
@@ -117,7 +130,7 @@ class Worker:
         """
         await self._backend.health()
         try:
-            metrics.publish(*self._where, self._log.summary())
+            metrics.publish(*self._where, {**self._log.summary(), "rss_bytes": self._rss()})
         except Exception as exc:  # noqa: BLE001 - see the docstring
             logging.getLogger("ray.serve").warning("byzer_magic: could not publish worker figures: %s", exc)
 

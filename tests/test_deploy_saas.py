@@ -11,7 +11,7 @@ from byzer_magic.backends.base import GenParams
 from byzer_magic.errors import BackendError, DeployError, NotDeployedError
 from byzer_magic.spec import parse_spec
 
-from .conftest import alive_replicas
+from .conftest import alive_replicas, wait_until
 
 GREEDY = GenParams(temperature=0, max_tokens=8)
 IN_PLACE = pytest.mark.skipif(not raydoor.can_scale_in_place(), reason="Serve has no external scaler before Ray 2.53")
@@ -164,6 +164,23 @@ def test_a_full_queue_refuses_at_once_instead_of_waiting(ray_head, clean_server)
     finally:
         clean_server.control(delay=0.0)
         deploy.undeploy("short_queue")
+
+
+@IN_PLACE
+def test_a_scale_the_memory_cannot_hold_is_refused_and_one_that_times_out_goes_back(ray_head, clean_server):
+    deploy.deploy(saas_spec(clean_server, "too_many", 1))
+    try:
+        wait_until(lambda: deploy.status("too_many", with_metrics=True).metrics.get("largest_worker_bytes"), 30,
+                   "the worker's memory figure")
+        with pytest.raises(DeployError, match=r"more workers of about \d+ MiB each need .* GiB of memory free"):
+            deploy.scale("too_many", 256)
+        assert deploy.status("too_many").workers_wanted == 1
+        with pytest.raises(DeployError, match="scaled back to 1 workers"):
+            deploy.scale("too_many", 2, timeout=0.01)
+        wait_until(lambda: len(alive_replicas("too_many")) == 1 and deploy.status("too_many").workers_wanted == 1,
+                   60, "the scale to go back")
+    finally:
+        deploy.undeploy("too_many")
 
 
 def test_undeploy_removes_every_actor_and_the_name(ray_head, clean_server):

@@ -322,6 +322,39 @@ def test_clients_that_give_up_while_queued_never_reach_the_provider(served, open
         openai_server.control(delay=0.0)
 
 
+def test_500_half_sent_requests_are_closed_within_10_s(served):
+    import selectors
+    import socket
+    import time
+
+    socks = []
+    try:
+        for _ in range(500):
+            sock = socket.create_connection((served.host, served.port), timeout=10)
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le")
+            sock.setblocking(False)
+            socks.append(sock)
+        opened = time.monotonic()
+        open_ = set(socks)
+        with selectors.DefaultSelector() as watch:
+            for sock in socks:
+                watch.register(sock, selectors.EVENT_READ)
+            while open_ and time.monotonic() - opened < 10:
+                for key, _ in watch.select(timeout=0.5):
+                    try:
+                        closed = key.fileobj.recv(1024) == b""
+                    except ConnectionError:
+                        closed = True
+                    if closed:
+                        watch.unregister(key.fileobj)
+                        open_.discard(key.fileobj)
+        assert not open_, f"{len(open_)} of 500 half-sent connections still open after 10 s"
+        assert http(f"{served.url}/models", key=KEY)[0] == 200
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def test_schemathesis_finds_no_request_that_crashes_it(served):
     """Every operation of the published OpenAPI schema, fuzzed within a bounded budget."""
     import hypothesis
