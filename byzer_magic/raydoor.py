@@ -168,6 +168,7 @@ def set_workers(app: str, deployment: str, workers: int) -> None:
 
 
 def _kv(name: str) -> Any:
+    """One of the GCS key-value store's functions, which Ray names as private."""
     return _private("ray.experimental.internal_kv", f"_internal_kv_{name}")
 
 
@@ -177,14 +178,17 @@ def kv_put(key: str, value: str) -> None:
 
 
 def kv_get(key: str | bytes) -> bytes | None:
+    """A stored value, or None."""
     return _kv("get")(key, namespace=KV_NAMESPACE)
 
 
 def kv_del(key: str) -> None:
+    """Remove a stored value (a missing one is no error)."""
     _kv("del")(key, namespace=KV_NAMESPACE)
 
 
 def kv_keys(prefix: str) -> list[bytes]:
+    """Every stored key that starts with the prefix."""
     return list(_kv("list")(prefix, namespace=KV_NAMESPACE))
 
 
