@@ -61,6 +61,26 @@ def check_version() -> None:
 
     if ray_version() < OLDEST_RAY:
         raise RayAPIError(f"byzer_magic needs Ray {_tested()}; this is Ray {ray.__version__}")
+    _check_protobuf()
+
+
+def _check_protobuf() -> None:
+    """Refuse protobuf 7 beside a Serve that still reads FieldDescriptor.label, which protobuf 7 removed.
+
+    Ray 2.48's Serve controller failed every deploy that way ("'FieldDescriptor'
+    object has no attribute 'label'"), deep in a remote traceback.
+    """
+    import google.protobuf
+    import ray
+
+    if int(google.protobuf.__version__.split(".")[0]) < 7:
+        return
+    reader = _private("ray.serve._private.config", "_proto_to_dict")
+    if ".label" in inspect.getsource(reader):
+        raise RayAPIError(
+            f"Ray {ray.__version__}'s Serve cannot read its config with protobuf {google.protobuf.__version__} "
+            f"(FieldDescriptor.label is gone in protobuf 7): pip install 'protobuf<7'"
+        )
 
 
 def address_from_environment() -> str | None:
