@@ -212,7 +212,7 @@ def start(
     import ray
     from ray import serve
 
-    from .raydoor import start_app
+    from .raydoor import deployment_options, start_app
 
     connect(ray_address)
     generated = api_key is None
@@ -229,14 +229,14 @@ def start(
     if current:
         serve.delete(GATEWAY_APP)
     node = f"node:{ray.util.get_node_ip_address()}"
-    app = serve.deployment(Gateway, name=GATEWAY_NAME).options(
+    app = serve.deployment(Gateway, name=GATEWAY_NAME).options(**deployment_options(dict(
         num_replicas=1,
         ray_actor_options={"num_cpus": 0, "resources": {node: 0.001}, "runtime_env": worker_runtime_env()},
         user_config={"host": host, "port": port, "auth": True, "key": "generated" if generated else "given"},
         max_constructor_retry_count=1,
         health_check_period_s=2,
         graceful_shutdown_timeout_s=5,
-    ).bind(host, port, key_digest(api_key), trusted_hosts(host, allowed_hosts), int(max_body_mb * 2**20))
+    ))).bind(host, port, key_digest(api_key), trusted_hosts(host, allowed_hosts), int(max_body_mb * 2**20))
     deadline = time.monotonic() + timeout
     try:
         start_app(app, GATEWAY_APP)

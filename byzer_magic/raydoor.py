@@ -150,9 +150,10 @@ def can_scale_in_place() -> bool:
 def deployment_options(options: dict[str, Any]) -> dict[str, Any]:
     """Serve's deployment options less those this Ray's Serve does not take.
 
-    Only tuning is ever left out (`request_router_config`, which arrived in
-    Ray 2.48, sets how fast a caller retries a full worker); the options that
-    define a deployment exist in every Ray of the range.
+    Only tuning is left out: Ray 2.48 has no `max_constructor_retry_count`
+    (a worker whose constructor fails is retried Serve's default 3 times, so a
+    failed deploy takes longer to report) and Rays before 2.48 no
+    `request_router_config` (how fast a caller retries a full worker).
     """
     from ray import serve
 
