@@ -32,7 +32,8 @@ _loop: asyncio.AbstractEventLoop | None = None
 _loop_lock = threading.Lock()
 _handles: dict[str, Any] = {}
 _outstanding: collections.Counter[str] = collections.Counter()
-_publishers: dict[int, asyncio.Task] = {}
+_publishers: dict[asyncio.AbstractEventLoop, asyncio.Task] = {}
+"""One publisher per loop while that loop has requests outstanding; each removes itself when it ends."""
 _CALLER = f"{socket.gethostname()}-{os.getpid()}"
 
 
@@ -109,7 +110,11 @@ def _ray_errors() -> tuple[type[BaseException], ...]:
 
 
 async def _publish_outstanding() -> None:
-    """Every second, this process's outstanding requests per deployment, for the cards' "queued"."""
+    """Every second, this process's outstanding requests per deployment, for the cards' "queued".
+
+    It ends once nothing is outstanding and the zeros are published, so an idle
+    process keeps no task (and a finished loop is not held); the next request starts another.
+    """
     sent: dict[str, int] = {}
     while True:
         await asyncio.sleep(1.0)
@@ -121,14 +126,24 @@ async def _publish_outstanding() -> None:
             except Exception as exc:  # noqa: BLE001 - figures are best effort; chats must go on
                 logging.getLogger(__name__).debug("could not publish outstanding requests: %s", exc)
         sent = now
+        if not any(_outstanding.values()) and not any(sent.values()):
+            return
+
+
+def _ensure_publisher(loop: asyncio.AbstractEventLoop) -> None:
+    """Start this loop's publisher unless one runs; it drops out of `_publishers` when it ends."""
+    task = _publishers.get(loop)
+    if task is not None and not task.done():
+        return
+    task = loop.create_task(_publish_outstanding())
+    _publishers[loop] = task
+    task.add_done_callback(lambda done: _publishers.pop(loop, None) if _publishers.get(loop) is done else None)
 
 
 @contextlib.contextmanager
 def _counted(name: str):
-    """Count a request as outstanding while it is queued or answered (started once per loop)."""
-    loop = asyncio.get_running_loop()
-    if id(loop) not in _publishers:
-        _publishers[id(loop)] = loop.create_task(_publish_outstanding())
+    """Count a request as outstanding while it is queued or answered."""
+    _ensure_publisher(asyncio.get_running_loop())
     _outstanding[name] += 1
     try:
         yield

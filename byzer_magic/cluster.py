@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 
+from . import raydoor
 from .errors import DeployError, NotDeployedError
 
 _lock = threading.Lock()
@@ -48,12 +49,7 @@ def running_cluster_address() -> str | None:
     Only the address file `ray start` writes counts: another kernel's embedded
     Ray is that kernel's own, not a cluster to join.
     """
-    from ray._private.services import get_ray_address_from_environment
-
-    try:
-        address = get_ray_address_from_environment(None, None)
-    except (ConnectionError, ValueError, OSError):
-        return None
+    address = raydoor.address_from_environment()
     if not address:
         return None
     host, _, port = address.rpartition(":")
@@ -62,24 +58,6 @@ def running_cluster_address() -> str | None:
             return address
     except (OSError, ValueError):
         return None
-
-
-def _use_token_if_present() -> None:
-    """Send this machine's Ray token when joining a cluster.
-
-    Ray 2.60 clusters require a token by default, but a driver joining one only
-    sends it in token mode; Ray's own helper switches to it when a token exists
-    and RAY_AUTH_MODE does not say otherwise.
-    """
-    from ray._private.authentication import authentication_token_setup as auth
-
-    quiet = logging.getLogger(auth.__name__)
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    finally:
-        quiet.setLevel(level)
 
 
 def connect(address: str | None = None, *, embedded_ok: bool = True) -> str:
@@ -93,9 +71,10 @@ def connect(address: str | None = None, *, embedded_ok: bool = True) -> str:
 
     global _serve_started, _embedded
     with _lock:
-        if ray.is_initialized() and (_serve_started or _in_replica()):
+        if ray.is_initialized() and (_serve_started or raydoor.in_replica()):
             return ray.get_runtime_context().gcs_address
         if not ray.is_initialized():
+            raydoor.check_version()
             target = address or os.environ.get("RAY_ADDRESS") or running_cluster_address()
             if target is None and not embedded_ok:
                 raise NotDeployedError(
@@ -106,7 +85,7 @@ def connect(address: str | None = None, *, embedded_ok: bool = True) -> str:
             kwargs = dict(logging_level=logging.WARNING, log_to_driver=False, namespace="byzer_magic")
             try:
                 if target:
-                    _use_token_if_present()
+                    raydoor.use_token_if_present()
                     ray.init(address=target, **kwargs)
                 else:
                     ray.init(address="local", include_dashboard=False, **kwargs)
@@ -122,13 +101,6 @@ def connect(address: str | None = None, *, embedded_ok: bool = True) -> str:
 
 
 _embedded = False
-
-
-def _in_replica() -> bool:
-    """Inside a Serve replica (the OpenAI endpoint) Ray and Serve are already there."""
-    from ray.serve.context import _get_internal_replica_context
-
-    return _get_internal_replica_context() is not None
 
 
 def _start_reaper() -> None:

@@ -5,13 +5,13 @@ so a restarted kernel sees and controls what an earlier one deployed.
 """
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 from . import metrics
+from .raydoor import deployment_options, reason_in, serve_details, set_workers, start_app
 from .cluster import connect, worker_runtime_env
 from .errors import DeployError, NotDeployedError, SpecError, redact
 from .spec import MAX_WORKERS, DeploySpec
@@ -57,12 +57,6 @@ def _check_resources(workers: int, cpus: float, gpus: float) -> None:
             )
 
 
-def serve_details() -> dict[str, Any]:
-    from ray.serve.context import _get_global_client
-
-    return _get_global_client().get_serve_details()
-
-
 def _ours(app: dict[str, Any]) -> dict[str, Any] | None:
     """The worker deployment of a Serve app, if the app is one of ours."""
     return app.get("deployments", {}).get(WORKER_NAME)
@@ -93,18 +87,6 @@ def _to_status(name: str, app: dict[str, Any] | None) -> DeploymentStatus:
         state = "degraded"
     message = reason_in(dep.get("message") or app.get("message") or "")
     return DeploymentStatus(name, state, ready, wanted, message, dict(config.get("user_config") or {}), workers)
-
-
-_ERROR_LINE = re.compile(r"(?:byzer_magic\.errors\.)?(?:BackendError|DeployError|ByzerError): (.+)")
-
-
-def reason_in(message: str) -> str:
-    """The readable cause inside a Serve status message (which holds a traceback)."""
-    found = _ERROR_LINE.findall(message)
-    if found:
-        return found[-1].strip()
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else ""
 
 
 def status(name: str, *, ray_address: str | None = None, with_metrics: bool = False) -> DeploymentStatus:
@@ -168,7 +150,6 @@ def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> Deployme
     nothing is left half-deployed, and the worker's own reason is raised.
     """
     from ray import serve
-    from ray.serve.api import _run
 
     preflight(spec)
     if spec.model_path:
@@ -186,10 +167,10 @@ def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> Deployme
         serve.delete(spec.name)
     _check_resources(spec.num_workers, spec.cpus_per_worker, spec.gpus_per_worker)
 
-    app = serve.deployment(Worker, name=WORKER_NAME).options(**worker_options(spec)).bind(spec)
+    app = serve.deployment(Worker, name=WORKER_NAME).options(**deployment_options(worker_options(spec))).bind(spec)
     deadline = time.monotonic() + spec.deploy_timeout
     try:
-        _run(app, _blocking=False, name=spec.name, route_prefix=None, external_scaler_enabled=True)
+        start_app(app, spec.name, scalable=True)
         return _wait(spec.name, spec.num_workers, deadline, on_progress, "--deploy_timeout")
     except BaseException as exc:
         serve.delete(spec.name)
@@ -237,10 +218,6 @@ def scale(
     on_progress: Progress | None = None,
 ) -> DeploymentStatus:
     """Change the number of workers in place; requests keep flowing meanwhile."""
-    import ray
-    from ray.serve._private.common import DeploymentID
-    from ray.serve.context import _get_global_client
-
     if not 0 <= workers <= MAX_WORKERS:
         raise SpecError(f"cannot scale to {workers} workers: use 0 to {MAX_WORKERS} (0 keeps the deployment "
                           f"but gives its CPUs and GPUs back)")
@@ -250,14 +227,12 @@ def scale(
         per_worker = current.details
         _check_resources(extra, per_worker.get("cpus_per_worker") or 0, per_worker.get("gpus_per_worker") or 0)
         _check_memory(extra, current.metrics.get("largest_worker_bytes") or 0)
-    controller = _get_global_client()._controller
-    deployment = DeploymentID(WORKER_NAME, name)
-    ray.get(controller.update_deployment_replicas.remote(deployment, workers))
+    set_workers(name, WORKER_NAME, workers)
     try:
         return _wait(name, workers, time.monotonic() + timeout, on_progress, "the scale timeout")
     except (DeployError, KeyboardInterrupt) as exc:
         # A scale that cannot finish goes back to the count before it, instead of leaving Serve adding workers.
-        ray.get(controller.update_deployment_replicas.remote(deployment, current.workers_wanted))
+        set_workers(name, WORKER_NAME, current.workers_wanted)
         if isinstance(exc, KeyboardInterrupt):
             raise
         raise DeployError(f"{exc}; scaled back to {current.workers_wanted} workers") from None

@@ -32,11 +32,10 @@ class _ServeDeployments:
     """The API's view of the cluster: Serve's details for listing, handles for answers."""
 
     async def models(self) -> list[dict[str, Any]]:
-        from ray.serve.context import _get_global_client
-
         from .deploy import table_of
+        from .raydoor import serve_details_async
 
-        details = await _get_global_client()._controller.get_serve_instance_details.remote()
+        details = await serve_details_async()
         return [{**row.details, "name": row.name} for row in table_of(details).rows]
 
     def stream(self, name: str, request: Messages | str, gen: GenParams) -> AsyncIterator[Delta]:
@@ -178,7 +177,7 @@ class Endpoint:
 
 def endpoint(*, ray_address: str | None = None) -> Endpoint | None:
     """The running endpoint, read from the cluster, or None."""
-    from .deploy import reason_in, serve_details
+    from .raydoor import reason_in, serve_details
 
     connect(ray_address, embedded_ok=False)
     app = serve_details().get("applications", {}).get(GATEWAY_APP)
@@ -212,7 +211,8 @@ def start(
     """
     import ray
     from ray import serve
-    from ray.serve.api import _run
+
+    from .raydoor import deployment_options, start_app
 
     connect(ray_address)
     generated = api_key is None
@@ -229,17 +229,17 @@ def start(
     if current:
         serve.delete(GATEWAY_APP)
     node = f"node:{ray.util.get_node_ip_address()}"
-    app = serve.deployment(Gateway, name=GATEWAY_NAME).options(
+    app = serve.deployment(Gateway, name=GATEWAY_NAME).options(**deployment_options(dict(
         num_replicas=1,
         ray_actor_options={"num_cpus": 0, "resources": {node: 0.001}, "runtime_env": worker_runtime_env()},
         user_config={"host": host, "port": port, "auth": True, "key": "generated" if generated else "given"},
         max_constructor_retry_count=1,
         health_check_period_s=2,
         graceful_shutdown_timeout_s=5,
-    ).bind(host, port, key_digest(api_key), trusted_hosts(host, allowed_hosts), int(max_body_mb * 2**20))
+    ))).bind(host, port, key_digest(api_key), trusted_hosts(host, allowed_hosts), int(max_body_mb * 2**20))
     deadline = time.monotonic() + timeout
     try:
-        _run(app, _blocking=False, name=GATEWAY_APP, route_prefix=None)
+        start_app(app, GATEWAY_APP)
         while True:
             found = endpoint()
             if found and found.state == "running":

@@ -19,10 +19,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
+from . import raydoor
+
 WINDOW_S = 60.0
 CALLER_FRESH_S = 5.0
 """A caller's count older than this is from a caller that went away."""
-_NAMESPACE = "byzer_magic"
 
 
 @dataclass
@@ -93,24 +94,18 @@ def _key(app: str, replica: str) -> str:
 
 
 def publish(app: str, replica: str, summary: dict[str, Any]) -> None:
-    from ray.experimental.internal_kv import _internal_kv_put
-
-    _internal_kv_put(_key(app, replica), json.dumps(summary), overwrite=True, namespace=_NAMESPACE)
+    raydoor.kv_put(_key(app, replica), json.dumps(summary))
 
 
 def forget(app: str, replica: str) -> None:
-    from ray.experimental.internal_kv import _internal_kv_del
-
-    _internal_kv_del(_key(app, replica), namespace=_NAMESPACE)
+    raydoor.kv_del(_key(app, replica))
 
 
 def read(app: str, replicas: Iterable[str]) -> list[dict[str, Any]]:
     """The latest summary of each named replica that has published one."""
-    from ray.experimental.internal_kv import _internal_kv_get
-
     found = []
     for replica in replicas:
-        raw = _internal_kv_get(_key(app, replica), namespace=_NAMESPACE)
+        raw = raydoor.kv_get(_key(app, replica))
         if raw:
             found.append(json.loads(raw))
     return found
@@ -122,23 +117,18 @@ def _caller_key(app: str, caller: str) -> str:
 
 def publish_outstanding(caller: str, counts: dict[str, int]) -> None:
     """A caller's requests sent and not yet answered, per deployment; a count of 0 removes its key."""
-    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
-
     for app, count in counts.items():
         if count > 0:
-            value = json.dumps({"outstanding": count, "at": time.time()})
-            _internal_kv_put(_caller_key(app, caller), value, overwrite=True, namespace=_NAMESPACE)
+            raydoor.kv_put(_caller_key(app, caller), json.dumps({"outstanding": count, "at": time.time()}))
         else:
-            _internal_kv_del(_caller_key(app, caller), namespace=_NAMESPACE)
+            raydoor.kv_del(_caller_key(app, caller))
 
 
 def read_outstanding(app: str) -> int:
     """Requests every live caller has outstanding to one deployment, in workers or in its queue."""
-    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_list
-
     total, now = 0, time.time()
-    for key in _internal_kv_list(_caller_key(app, ""), namespace=_NAMESPACE):
-        raw = _internal_kv_get(key, namespace=_NAMESPACE)
+    for key in raydoor.kv_keys(_caller_key(app, "")):
+        raw = raydoor.kv_get(key)
         if raw:
             entry = json.loads(raw)
             if now - entry.get("at", 0) < CALLER_FRESH_S:

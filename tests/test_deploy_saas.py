@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from byzer_magic import chat, deploy
+from byzer_magic import chat, deploy, raydoor
 from byzer_magic.backends.base import GenParams
 from byzer_magic.errors import BackendError, DeployError, NotDeployedError
 from byzer_magic.spec import parse_spec
@@ -14,6 +14,7 @@ from byzer_magic.spec import parse_spec
 from .conftest import alive_replicas, wait_until
 
 GREEDY = GenParams(temperature=0, max_tokens=8)
+IN_PLACE = pytest.mark.skipif(not raydoor.can_scale_in_place(), reason="Serve has no external scaler before Ray 2.53")
 
 
 def saas_spec(server, name: str, workers: int = 2, extra: str = ""):
@@ -68,6 +69,7 @@ def test_a_saas_worker_never_holds_two_requests(ray_head, clean_server, workers)
         deploy.undeploy(name)
 
 
+@IN_PLACE
 def test_scale_up_and_down_while_requests_run_loses_none(deployed, clean_server):
     clean_server.control(delay=0.05)
     answers: list = []
@@ -98,6 +100,14 @@ def test_scale_up_and_down_while_requests_run_loses_none(deployed, clean_server)
     assert clean_server.stats()["requests"] == len(answers)
 
 
+@pytest.mark.skipif(raydoor.can_scale_in_place(), reason="this Ray scales in place")
+def test_scale_on_a_ray_without_an_external_scaler_says_how_to_redeploy(deployed):
+    with pytest.raises(DeployError, match="needs Ray 2.53 or newer.*--force and --num_workers 3"):
+        deploy.scale(deployed, 3)
+    assert deploy.status(deployed).workers_wanted == 2
+
+
+@IN_PLACE
 def test_scale_to_zero_gives_the_workers_back_and_one_brings_a_worker_again(ray_head, clean_server):
     deploy.deploy(saas_spec(clean_server, "napping", 1))
     try:
@@ -156,6 +166,7 @@ def test_a_full_queue_refuses_at_once_instead_of_waiting(ray_head, clean_server)
         deploy.undeploy("short_queue")
 
 
+@IN_PLACE
 def test_a_scale_the_memory_cannot_hold_is_refused_and_one_that_times_out_goes_back(ray_head, clean_server):
     deploy.deploy(saas_spec(clean_server, "too_many", 1))
     try:

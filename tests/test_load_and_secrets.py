@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 from IPython.core.interactiveshell import InteractiveShell
 
-from byzer_magic import chat, deploy
+from byzer_magic import chat, deploy, raydoor
 from byzer_magic.backends.base import GenParams
 from byzer_magic.spec import parse_args
 from byzer_magic.widgets import StatusCard
@@ -63,7 +63,6 @@ def test_1000_chats_from_64_clients_on_4_workers(ray_head, clean_server, capsys)
 
 def test_a_key_given_three_ways_appears_nowhere(ray_head, clean_server, tmp_path, capfd):
     """Flag, ${VAR} and YAML: grep output, reprs, errors, cards, Serve's state, actors and the cluster's logs."""
-    from ray.serve.context import _get_global_client
     from ray.util.state import list_actors
 
     keys = {"flag": "sk-flag-3f9a1c7e5b2d4e6f", "env": "sk-env-8b1d3a5c7e9f0a2b", "yaml": "sk-yaml-4c6e8a0b2d4f6a8c"}
@@ -98,7 +97,7 @@ def test_a_key_given_three_ways_appears_nowhere(ray_head, clean_server, tmp_path
         for spec in specs.values():
             card = StatusCard(deploy.status(spec.name))
             texts.append(json.dumps([w.get_state() for w in (card.title, card.body, card.error)], default=str))
-        texts.append(json.dumps(_get_global_client().get_serve_details(), default=str))
+        texts.append(json.dumps(raydoor.serve_details(), default=str))
         texts.append(repr(list_actors(detail=True, limit=10000)))
     finally:
         clean_server.control(fail_next=0)
