@@ -67,6 +67,21 @@ def test_a_hanging_endpoint_times_out_after_saas_timeout(ray_head, clean_server)
         deploy.undeploy("hanging")
 
 
+def test_a_drip_fed_answer_is_cut_at_saas_timeout_and_reaches_the_provider_once(ray_head, clean_server):
+    """saas.timeout bounds the whole request, not each read, and a timed-out request is not sent again."""
+    deploy.deploy(saas_spec(clean_server, "dripping", 1, extra="saas.timeout=2"))
+    try:
+        clean_server.control(chunk_delay=0.4, reset=True)
+        started = time.monotonic()
+        with pytest.raises(BackendError, match=r"no answer within 2 s \(saas.timeout\)"):
+            chat.chat("dripping", "hi", GenParams(temperature=0, max_tokens=64))
+        assert time.monotonic() - started < 3
+        assert clean_server.stats()["requests"] == 1
+    finally:
+        clean_server.control(chunk_delay=0)
+        deploy.undeploy("dripping")
+
+
 def _replica_pids(name: str) -> list[int]:
     return [a.pid for a in alive_replicas(name) if a.pid]
 

@@ -1,11 +1,13 @@
 """Any OpenAI-compatible endpoint, through the official openai client.
 
 The client already retries 408/409/429/5xx and connection errors with
-exponential backoff and jitter, and enforces the timeout; this module only
-maps its failures onto a BackendError the notebook can show.
+exponential backoff and jitter; this module bounds a whole request by
+saas.timeout (a drip-fed stream included, never retried once timed out) and
+maps failures onto a BackendError the notebook can show.
 """
 from __future__ import annotations
 
+import asyncio
 import difflib
 from typing import Any, AsyncIterator
 
@@ -25,7 +27,8 @@ class Settings(BackendSettings):
     base_url: str | None = Field(
         default=None, description="endpoint root ending in /v1; default: the provider's"
     )
-    timeout: float = Field(default=60.0, gt=0, description="seconds before one request is abandoned")
+    timeout: float = Field(default=60.0, gt=0, description="seconds a whole request may take, streamed answer "
+                                                            "included, before it is abandoned (never retried)")
     max_retries: int = Field(
         default=2, ge=0, le=10, description="retries on 408/409/429/5xx and connection errors"
     )
@@ -56,10 +59,12 @@ class Backend(base.Backend):
         self._settings = settings
         self._provider = context.provider or "openai"
         self._key = settings.api_key.get_secret_value()
+        # saas.timeout bounds the whole request (see _relay); the client's own timeout is set past it, so the
+        # client never times out first and retries a request the provider may still be answering.
         self._client = openai.AsyncOpenAI(
             api_key=self._key,
             base_url=context.base_url,
-            timeout=settings.timeout,
+            timeout=settings.timeout + 1.0,
             max_retries=settings.max_retries,
         )
 
@@ -89,7 +94,7 @@ class Backend(base.Backend):
             await self._client.models.list()
         except self._openai.NotFoundError:
             return
-        except self._openai.OpenAIError as exc:
+        except (self._openai.OpenAIError, asyncio.TimeoutError) as exc:
             raise self._readable(exc) from None
 
     def _request(self, gen: GenParams) -> dict[str, Any]:
@@ -113,11 +118,18 @@ class Backend(base.Backend):
         return self._relay(self._client.completions.create, {**self._request(gen), "prompt": prompt})
 
     async def _relay(self, create: Any, kwargs: dict[str, Any]) -> AsyncIterator[Delta]:
+        """The provider's stream as deltas, all of it within saas.timeout (a drip-fed answer included)."""
         finished = False
+        deadline = asyncio.get_running_loop().time() + self._settings.timeout
+
+        async def within(step: Any) -> Any:
+            return await asyncio.wait_for(step, max(0.0, deadline - asyncio.get_running_loop().time()))
+
         try:
-            stream = await create(**kwargs)
+            stream = await within(create(**kwargs))
             async with stream:
-                async for chunk in stream:
+                chunks = stream.__aiter__()
+                while (chunk := await within(anext(chunks, None))) is not None:
                     for choice in chunk.choices:
                         delta = getattr(choice, "delta", None)
                         text = (delta.content if delta is not None else choice.text) or ""
@@ -127,7 +139,7 @@ class Backend(base.Backend):
                     if chunk.usage:
                         usage = chunk.usage.model_dump()
                         yield Delta("", None, {k: v for k, v in usage.items() if isinstance(v, int)})
-        except self._openai.OpenAIError as exc:
+        except (self._openai.OpenAIError, asyncio.TimeoutError) as exc:
             raise self._readable(exc) from None
         if not finished:
             raise BackendError(self._provider, None, "the stream ended before the answer was finished (no finish_reason)")
@@ -146,7 +158,7 @@ class Backend(base.Backend):
             inner = body.get("error", body)
             if isinstance(inner, dict) and inner.get("message"):
                 message = str(inner["message"])
-        if isinstance(exc, self._openai.APITimeoutError):
+        if isinstance(exc, (self._openai.APITimeoutError, asyncio.TimeoutError)):
             message = f"no answer within {self._settings.timeout:g} s (saas.timeout)"
         elif isinstance(exc, self._openai.APIConnectionError):
             message = f"cannot reach {self._client.base_url}: {exc.__cause__ or message}"
