@@ -76,3 +76,23 @@ def test_a_relative_model_path_means_relative_to_the_notebook(ray_head, tiny_mod
         assert chat.chat("llama_relative", PROMPT, GenParams(temperature=0, max_tokens=4)).text
     finally:
         deploy.undeploy("llama_relative")
+
+
+def test_cancelled_and_resent_100_times_never_two_threads_in_the_model(ray_head, tiny_model):
+    """llama.cpp is not thread-safe: a cancelled chat must leave the model before the next one enters."""
+    deploy.deploy(llama_spec(tiny_model.gguf, "llama_cancel"))
+    try:
+        long = GenParams(temperature=1.0, max_tokens=400, seed=1)
+        for i in range(100):
+            stream = chat.stream("llama_cancel", [{"role": "user", "content": f"tell me a story {i}"}], long)
+            next(stream)
+            stream.close()
+        answer = chat.chat("llama_cancel", PROMPT, GenParams(temperature=0, max_tokens=8))
+        assert answer.text and answer.finish_reason == "length"
+
+        async def stats() -> dict:
+            return await chat._handle("llama_cancel").stats.remote()
+
+        assert chat.run_on_client_loop(stats())["most_threads_inside"] == 1
+    finally:
+        deploy.undeploy("llama_cancel")

@@ -7,6 +7,7 @@ checks and queue bookkeeping.
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
@@ -50,6 +51,9 @@ class Backend(base.Backend):
         self._model_path = context.model_path
         self._llama: Any = None
         self._turn = asyncio.Lock()
+        self._count_lock = threading.Lock()
+        self._threads_inside = 0
+        self._most_threads_inside = 0
 
     @classmethod
     def check_model_path(cls, path: Path) -> str | None:
@@ -108,16 +112,56 @@ class Backend(base.Backend):
         return self._relay("create_completion", {**self._request(gen), "prompt": prompt})
 
     async def _relay(self, method: str, kwargs: dict[str, Any]) -> AsyncIterator[Delta]:
+        """One request at a time; the turn passes on only once no thread is inside the model.
+
+        A cancelled await does not stop the thread it waited on: releasing the
+        turn then let the next request into the model beside it. So each step's
+        thread is shielded and waited for, and the generator is closed (which
+        stops llama.cpp) in a thread before the turn is released.
+        """
         async with self._turn:
+            chunks: Iterator[dict] | None = None
+            step: asyncio.Future | None = None
             try:
-                chunks: Iterator[dict] = await asyncio.to_thread(getattr(self._llama, method), **kwargs)
-                while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+                step = asyncio.ensure_future(self._inside(getattr(self._llama, method), **kwargs))
+                chunks = await asyncio.shield(step)
+                while True:
+                    step = asyncio.ensure_future(self._inside(next, chunks, None))
+                    chunk = await asyncio.shield(step)
+                    if chunk is None:
+                        break
                     choice = chunk["choices"][0]
                     text = (choice["delta"].get("content") if "delta" in choice else choice.get("text")) or ""
                     if text or choice.get("finish_reason"):
                         yield Delta(text, choice.get("finish_reason"))
             except (ValueError, RuntimeError) as exc:
                 raise BackendError("llama_cpp", None, str(exc)) from None
+            finally:
+                if step is not None and not step.done():
+                    await asyncio.wait([step])
+                if step is not None and chunks is None and step.done() and not step.cancelled() \
+                        and step.exception() is None:
+                    chunks = step.result()
+                if chunks is not None:
+                    await self._inside(chunks.close)
+
+    async def _inside(self, call: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run a call into the model in a thread, counting the threads inside it (at most one, ever)."""
+
+        def counted() -> Any:
+            with self._count_lock:
+                self._threads_inside += 1
+                self._most_threads_inside = max(self._most_threads_inside, self._threads_inside)
+            try:
+                return call(*args, **kwargs)
+            finally:
+                with self._count_lock:
+                    self._threads_inside -= 1
+
+        return await asyncio.to_thread(counted)
+
+    def stats(self) -> dict[str, Any]:
+        return {"most_threads_inside": self._most_threads_inside}
 
     async def health(self) -> None:
         if self._llama is None:
