@@ -191,6 +191,20 @@ def endpoint(*, ray_address: str | None = None) -> Endpoint | None:
                     where.get("key") == "generated")
 
 
+def _keeps(current: Endpoint | None, host: str, port: int, generated: bool, force: bool) -> bool:
+    """Whether the running endpoint stays: a plain repeat keeps it; opening a loopback one to the network needs force."""
+    if current is None or force:
+        return False
+    if current.state == "running" and (current.host, current.port) == (host, port) and generated and current.generated_key:
+        return True
+    if current.host in LOOPBACK_NAMES and host not in LOOPBACK_NAMES:
+        raise DeployError(
+            f"an endpoint already runs on {current.host}:{current.port}, reachable from this machine only; serving "
+            f"on {host} would open it to the network: add --force to replace it"
+        )
+    return False
+
+
 def start(
     host: str = SERVE_DEFAULTS.host,
     port: int = SERVE_DEFAULTS.port,
@@ -218,14 +232,8 @@ def start(
     generated = api_key is None
     api_key = api_key or endpoint_key()
     current = endpoint()
-    if current and current.state == "running" and (current.host, current.port) == (host, port) and generated \
-            and current.generated_key and not force:
+    if _keeps(current, host, port, generated, force):
         return current
-    if current and current.host in LOOPBACK_NAMES and host not in LOOPBACK_NAMES and not force:
-        raise DeployError(
-            f"an endpoint already runs on {current.host}:{current.port}, reachable from this machine only; serving "
-            f"on {host} would open it to the network: add --force to replace it"
-        )
     if current:
         serve.delete(GATEWAY_APP)
     node = f"node:{ray.util.get_node_ip_address()}"
