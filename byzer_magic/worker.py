@@ -12,6 +12,7 @@ from typing import Any, AsyncIterator
 
 from . import metrics
 from .backends.base import Backend, Delta, Embeddings, GenParams, Messages
+from .errors import SpecError
 from .metrics import RequestLog
 from .spec import DeploySpec
 
@@ -64,6 +65,7 @@ class Worker:
         busy, in fewer, larger messages when it is (STREAMS_PER_TOKEN); the
         text-less tail (finish reason, usage) is folded into the last message.
         """
+        self._within_context(gen)
         held: Delta | None = None
         pieces, first = 0, True
         with self._log.request() as tally:
@@ -82,6 +84,13 @@ class Worker:
             if held is not None:
                 tally.tokens = (held.usage or {}).get("completion_tokens", tally.tokens)
                 yield held
+
+    def _within_context(self, gen: GenParams) -> None:
+        """A max_tokens the model's context cannot hold is refused at once (a 400 at the endpoint)."""
+        limit = self._backend.context_length()
+        if limit and gen.max_tokens and gen.max_tokens > limit:
+            raise SpecError(f"max_tokens {gen.max_tokens} is more than {self._spec.name!r} can hold: its context is "
+                            f"{limit} tokens, prompt included; ask for fewer")
 
     async def complete(self, messages: Messages | str, gen: GenParams) -> list[Delta]:
         """The whole answer in one reply, for callers that do not stream."""

@@ -96,3 +96,15 @@ def test_cancelled_and_resent_100_times_never_two_threads_in_the_model(ray_head,
         assert chat.run_on_client_loop(stats())["most_threads_inside"] == 1
     finally:
         deploy.undeploy("llama_cancel")
+
+
+def test_a_max_tokens_over_the_context_is_refused_at_once(ray_head, tiny_model):
+    from byzer_magic.errors import SpecError
+
+    deploy.deploy(llama_spec(tiny_model.gguf, "llama_ctx"))
+    try:
+        with pytest.raises(SpecError, match="max_tokens 100000 is more than 'llama_ctx' can hold: its context is 512"):
+            chat.chat("llama_ctx", PROMPT, GenParams(max_tokens=100_000))
+        assert chat.chat("llama_ctx", PROMPT, GenParams(temperature=0, max_tokens=4)).text
+    finally:
+        deploy.undeploy("llama_ctx")

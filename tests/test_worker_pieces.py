@@ -32,6 +32,9 @@ class Counting:
     def chat(self, messages, gen: GenParams) -> AsyncIterator[Delta]:
         return self.generate("", gen)
 
+    def context_length(self) -> None:
+        return None
+
 
 class Bare(Worker):
     """The worker's chat loop without Serve: nothing to shut down."""

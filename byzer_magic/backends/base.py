@@ -200,6 +200,10 @@ class Backend(abc.ABC):
     async def health(self) -> None:
         """Cheap; raising makes Serve replace the worker."""
 
+    def context_length(self) -> int | None:
+        """The most tokens one request may hold once started; None where the backend cannot tell (a provider)."""
+        return None
+
     def stats(self) -> dict[str, Any]:
         """Figures only the backend knows (its device, requests running in its engine); the worker counts requests."""
         return {}

@@ -252,6 +252,9 @@ class Backend(base.Backend):
         tokens = int(batch["attention_mask"].sum())
         return Embeddings(vectors.float().cpu().tolist(), tokens)
 
+    def context_length(self) -> int | None:
+        return getattr(getattr(self._model, "config", None), "max_position_embeddings", None)
+
     async def health(self) -> None:
         if self._model is None:
             raise self._fail("model not loaded")

@@ -163,6 +163,9 @@ class Backend(base.Backend):
     def stats(self) -> dict[str, Any]:
         return {"most_threads_inside": self._most_threads_inside}
 
+    def context_length(self) -> int | None:
+        return self._llama.n_ctx() if self._llama is not None else None
+
     async def health(self) -> None:
         if self._llama is None:
             raise BackendError("llama_cpp", None, "model not loaded")

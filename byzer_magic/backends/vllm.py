@@ -199,6 +199,9 @@ class Backend(base.Backend):
         except (ValueError, RuntimeError) as exc:
             raise BackendError("vllm", None, str(exc)) from None
 
+    def context_length(self) -> int | None:
+        return self._engine.model_config.max_model_len if self._engine is not None else None
+
     async def health(self) -> None:
         await self._engine.check_health()
 
