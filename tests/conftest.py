@@ -25,6 +25,8 @@ from byzer_magic.tinymodel import TinyModel, build
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("BYZER_MAGIC_HOME", tempfile.mkdtemp(prefix="byzer-home-"))
+os.environ.setdefault("BYZER_TEST_NODE_KEY", "sk-node-5e1f7a3c9b2d4f60")
+"""A key the test cluster's nodes have in their environment (`ray start` inherits it), for saas.api_key=node-env:."""
 """The endpoint's generated key goes to a folder of the test run's, not the user's home."""
 
 

@@ -240,3 +240,22 @@ def test_provider_errors_reach_the_caller_with_status_and_message(deployed, clea
 def test_chat_with_an_unknown_name_is_a_clear_error(ray_head):
     with pytest.raises(NotDeployedError, match="no_such_model"):
         chat.chat("no_such_model", "hi")
+
+
+def test_a_worker_can_take_its_key_from_its_own_nodes_environment(ray_head, clean_server):
+    """node-env:NAME travels as that text; the worker reads NAME on its node, so the key is nowhere in Serve."""
+    from byzer_magic import raydoor
+
+    spec = parse_spec(f"--pretrained_model_type saas/openai --infer_params saas.api_key=node-env:BYZER_TEST_NODE_KEY "
+                      f"saas.model=tiny saas.base_url={clean_server.base_url} --model node_key")
+    deploy.deploy(spec)
+    try:
+        assert chat.chat("node_key", "hi", GREEDY).text
+        assert "sk-node-5e1f7a3c9b2d4f60" not in repr(raydoor.serve_details())
+    finally:
+        deploy.undeploy("node_key")
+    missing = parse_spec(f"--pretrained_model_type saas/openai --infer_params saas.api_key=node-env:NOT_ON_ANY_NODE "
+                         f"saas.model=tiny saas.base_url={clean_server.base_url} --model node_key_missing")
+    with pytest.raises(DeployError, match="NOT_ON_ANY_NODE is not set where this worker runs"):
+        deploy.deploy(missing)
+    assert alive_replicas("node_key_missing") == []

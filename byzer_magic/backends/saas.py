@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import os
 from typing import Any, AsyncIterator
 
 from pydantic import Field, SecretStr
@@ -22,7 +23,8 @@ from .providers import PROVIDER_BASE_URLS
 class Settings(BackendSettings):
     """`saas.*` keys: an OpenAI-compatible endpoint and how to call it."""
 
-    api_key: SecretStr = Field(description="API key sent as a Bearer token; never shown")
+    api_key: SecretStr = Field(description="API key sent as a Bearer token; never shown; node-env:NAME reads it "
+                                           "from NAME on the worker's own node")
     model: str = Field(description="model name the provider knows, e.g. gpt-4o-mini or qwen-max")
     base_url: str | None = Field(
         default=None, description="endpoint root ending in /v1; default: the provider's"
@@ -38,6 +40,25 @@ class Settings(BackendSettings):
     temperature: float | None = Field(default=None, ge=0, description="default sampling temperature")
     top_p: float | None = Field(default=None, gt=0, le=1, description="default nucleus sampling")
     max_tokens: int | None = Field(default=None, gt=0, description="default answer length limit")
+
+
+NODE_ENV = "node-env:"
+
+
+def _node_key(key: str) -> str:
+    """`saas.api_key=node-env:NAME` is read here, from the environment of the node this worker runs on.
+
+    The key then never passes through the kernel, the spec or Ray's control
+    plane: export NAME where each node's `ray start` runs.
+    """
+    if not key.startswith(NODE_ENV):
+        return key
+    name = key[len(NODE_ENV):]
+    found = os.environ.get(name, "")
+    if not found.strip():
+        raise BackendError("saas", None, f"saas.api_key={NODE_ENV}{name}: {name} is not set where this worker runs "
+                                         f"(export it before `ray start` on every node)")
+    return found
 
 
 class Backend(base.Backend):
@@ -58,7 +79,7 @@ class Backend(base.Backend):
         self._openai = openai
         self._settings = settings
         self._provider = context.provider or "openai"
-        self._key = settings.api_key.get_secret_value()
+        self._key = _node_key(settings.api_key.get_secret_value())
         # saas.timeout bounds the whole request (see _relay); the client's own timeout is set past it, so the
         # client never times out first and retries a request the provider may still be answering.
         self._client = openai.AsyncOpenAI(
