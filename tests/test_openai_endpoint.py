@@ -14,7 +14,7 @@ import urllib.request
 import openai
 import pytest
 
-from byzer_magic import chat, deploy, gateway
+from byzer_magic import chat, deploy, gateway, raydoor
 from byzer_magic.backends.base import GenParams
 from byzer_magic.endpoint_key import endpoint_key
 from byzer_magic.errors import DeployError
@@ -163,6 +163,8 @@ def test_provider_failures_become_502_and_429_with_its_words(client, clean_serve
     assert client.chat.completions.create(model="ep_saas", messages=HELLO, max_tokens=4).choices[0].message.content
 
 
+@pytest.mark.skipif(raydoor.ray_version() < (2, 53), reason="on Ray 2.48 the endpoint's replica does not reach a "
+                    "deployment added after it started (it times out); the README lists it among the older Rays' gaps")
 def test_a_deployment_added_later_is_served_and_its_removal_is_seen_at_once(client, clean_server):
     deploy.deploy(saas_spec(clean_server, "ep_late", workers=1))
     try:
@@ -272,7 +274,10 @@ def test_a_40_mib_body_is_refused_before_it_is_read(served):
     with socket.create_connection((served.host, served.port), timeout=10) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 41943040\r\n\r\n")
-        answer = sock.recv(65536).decode()
+        answer = b""
+        while b"request_too_large" not in answer and (piece := sock.recv(65536)):
+            answer += piece
+        answer = answer.decode()
     took = time.monotonic() - started
     assert answer.startswith("HTTP/1.1 413") and "request_too_large" in answer and took < 1.0, (answer[:200], took)
     assert _gateway_rss_mib() - before < 50
