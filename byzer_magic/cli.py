@@ -93,8 +93,10 @@ def _hide_secrets(argv: list[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    _hide_secrets(argv)
+    if argv is None:
+        argv = sys.argv[1:]
+        _hide_secrets(list(argv))
+    argv = list(argv)
     _without_iri_grammar()
     if argv[:1] in (["deploy"], ["serve"]):
         args = argparse.Namespace(command=argv[0], flags=argv[1:])

@@ -19,7 +19,8 @@ from .option_args import add_arguments, validated
 from .options import DeployFlags, ServeFlags
 
 _ENV_VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
-SECRET_KEY = re.compile(r"(key|token|secret|password)", re.IGNORECASE)
+SECRET_KEY = re.compile(r"(?:^|[_.-])(?:api_?key|key|token|secret|password|passwd)$", re.IGNORECASE)
+"""A name that ends in key, token, secret or password (api_key, hf_token, --api_key), not max_tokens."""
 
 
 class _Parser(argparse.ArgumentParser):

@@ -89,7 +89,7 @@ class Worker:
         """A max_tokens the model's context cannot hold is refused at once (a 400 at the endpoint)."""
         limit = self._backend.context_length()
         if limit and gen.max_tokens and gen.max_tokens > limit:
-            raise SpecError(f"max_tokens {gen.max_tokens} is more than {self._spec.name!r} can hold: its context is "
+            raise SpecError(f"max_tokens {gen.max_tokens} is more than {self._where[0]!r} can hold: its context is "
                             f"{limit} tokens, prompt included; ask for fewer")
 
     async def complete(self, messages: Messages | str, gen: GenParams) -> list[Delta]:

@@ -82,7 +82,7 @@ def test_cancelled_and_resent_100_times_never_two_threads_in_the_model(ray_head,
     """llama.cpp is not thread-safe: a cancelled chat must leave the model before the next one enters."""
     deploy.deploy(llama_spec(tiny_model.gguf, "llama_cancel"))
     try:
-        long = GenParams(temperature=1.0, max_tokens=400, seed=1)
+        long = GenParams(temperature=1.0, max_tokens=48, seed=1)
         for i in range(100):
             stream = chat.stream("llama_cancel", [{"role": "user", "content": f"tell me a story {i}"}], long)
             next(stream)
