@@ -156,8 +156,9 @@ def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> Deployme
         # Workers run in other directories: a path relative to the notebook must not reach them as is.
         spec = replace(spec, model_path=str(Path(spec.model_path).expanduser().resolve()))
     connect(spec.ray_address)
-    _refuse_foreign(spec.name)
-    existing = status(spec.name)
+    app = serve_details().get("applications", {}).get(spec.name)
+    _refuse_foreign(spec.name, app)
+    existing = _to_status(spec.name, app)
     if existing.state != "stopped":
         if not spec.force:
             raise DeployError(
@@ -179,9 +180,8 @@ def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> Deployme
         raise
 
 
-def _refuse_foreign(name: str) -> None:
+def _refuse_foreign(name: str, app: dict[str, Any] | None) -> None:
     """A Serve application that byzer_magic did not deploy is never replaced, --force or not."""
-    app = serve_details().get("applications", {}).get(name)
     if app is not None and _ours(app) is None:
         raise DeployError(
             f"a Serve application named {name!r} runs on this cluster and was not deployed by byzer_magic; it is "
