@@ -130,7 +130,7 @@ def test_transformers_sampling_follows_the_seed(hf_chat):
 
 
 def test_an_abandoned_transformers_stream_stops_generating(hf_chat):
-    stream = chat.stream(hf_chat, PROMPT, GenParams(temperature=1.0, max_tokens=4000, seed=1))
+    stream = chat.stream(hf_chat, PROMPT, GenParams(temperature=1.0, max_tokens=1900, seed=1))
     assert next(stream).text is not None
     stream.close()
     wait_until(lambda: worker_stats(hf_chat)["running"] == 0, 10, "generation to stop after the stream closed")
