@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import metrics
-from .raydoor import deployment_options, reason_in, serve_details, set_workers, start_app
+from .raydoor import app_status, deployment_options, reason_in, serve_details, set_workers, start_app
 from .cluster import connect, worker_runtime_env
 from .errors import DeployError, NotDeployedError, SpecError, redact
 from .spec import MAX_WORKERS, DeploySpec
@@ -20,6 +20,8 @@ from .worker import WORKER_NAME, Worker
 
 Progress = Callable[[DeploymentStatus], None]
 _POLL_S = 0.05
+PROGRESS_S = 0.25
+"""How often a deploy with a progress callback reads the workers' states while Serve is still deploying."""
 
 
 def preflight(spec: DeploySpec) -> None:
@@ -190,8 +192,20 @@ def _refuse_foreign(name: str, app: dict[str, Any] | None) -> None:
 
 
 def _wait(name: str, workers: int, deadline: float, on_progress: Progress | None, timeout_flag: str) -> DeploymentStatus:
+    """Poll until the workers are ready; Serve's whole details only when they can say something new.
+
+    While the application is DEPLOYING nothing in the details can finish the
+    wait, so its bare status is polled (cheap for the controller), and the
+    details are read only every PROGRESS_S for on_progress.
+    """
     last = None
+    details_due = 0.0
     while True:
+        now = time.monotonic()
+        if app_status(name) == "DEPLOYING" and now < deadline and (on_progress is None or now < details_due):
+            time.sleep(_POLL_S)
+            continue
+        details_due = now + PROGRESS_S
         current = status(name)
         if current != last and on_progress:
             on_progress(current)
