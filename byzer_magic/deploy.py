@@ -16,7 +16,7 @@ from .cluster import connect, worker_runtime_env
 from .errors import DeployError, NotDeployedError, SpecError, redact
 from .spec import MAX_WORKERS, DeploySpec
 from .status import DeploymentStatus, StatusTable
-from .worker import WORKER_NAME, Worker
+from .worker import PRELOAD_ENV, WORKER_NAME, Worker
 
 Progress = Callable[[DeploymentStatus], None]
 _POLL_S = 0.05
@@ -124,6 +124,20 @@ def require(name: str, *, ray_address: str | None = None, with_metrics: bool = F
     return current
 
 
+def _runtime_env(spec: DeploySpec) -> dict[str, Any]:
+    """The workers' runtime env; where it already makes fresh processes, one that preloads the backend's modules.
+
+    On an embedded cluster the env is empty so workers reuse Ray's idle
+    processes; a preload hook there would cost a fresh process per worker.
+    """
+    env = worker_runtime_env()
+    modules = spec.backend_class.preload
+    if not env or not modules:
+        return env
+    return {**env, "env_vars": {**env.get("env_vars", {}), PRELOAD_ENV: ",".join(modules)},
+            "worker_process_setup_hook": "byzer_magic.worker.preload"}
+
+
 def worker_options(spec: DeploySpec) -> dict[str, Any]:
     """Serve's deployment options for the spec's workers: replicas, resources, concurrency, health checks."""
     return dict(
@@ -133,7 +147,7 @@ def worker_options(spec: DeploySpec) -> dict[str, Any]:
         ray_actor_options={
             "num_cpus": spec.cpus_per_worker,
             "num_gpus": spec.gpus_per_worker,
-            "runtime_env": worker_runtime_env(),
+            "runtime_env": _runtime_env(spec),
         },
         user_config={**spec.describe(), "deployed_at": int(time.time())},
         max_constructor_retry_count=1,
