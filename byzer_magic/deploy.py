@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import metrics
-from .raydoor import app_status, deployment_options, reason_in, serve_details, set_workers, start_app
+from .raydoor import (
+    app_status, deployment_options, reason_in, serve_details, set_workers, setup_hook_env, start_app,
+)
 from .cluster import connect, worker_runtime_env
 from .errors import DeployError, NotDeployedError, SpecError, redact
 from .spec import MAX_WORKERS, DeploySpec
@@ -132,10 +134,10 @@ def _runtime_env(spec: DeploySpec) -> dict[str, Any]:
     """
     env = worker_runtime_env()
     modules = spec.backend_class.preload
-    if not env or not modules:
+    hook = setup_hook_env("byzer_magic.worker.preload") if env and modules else {}
+    if not hook:
         return env
-    return {**env, "env_vars": {**env.get("env_vars", {}), PRELOAD_ENV: ",".join(modules)},
-            "worker_process_setup_hook": "byzer_magic.worker.preload"}
+    return {**env, "env_vars": {**env.get("env_vars", {}), **hook, PRELOAD_ENV: ",".join(modules)}}
 
 
 def worker_options(spec: DeploySpec) -> dict[str, Any]:

@@ -159,6 +159,21 @@ def app_status(name: str) -> str:
     return statuses.Name(proto.FromString(raw).app_status.status).removeprefix("APPLICATION_STATUS_")
 
 
+def setup_hook_env(function: str) -> dict[str, str]:
+    """The env var that makes a fresh worker process call `function` ("module.name") when it starts.
+
+    Ray's own `worker_process_setup_hook` takes effect only in a job's
+    runtime env (ray.init), where Ray turns it into this variable; in an
+    actor's runtime env the variable itself does it. Empty where the job has
+    a hook of its own, which ours must not replace.
+    """
+    import ray
+
+    name = _private("ray._private.ray_constants", "WORKER_PROCESS_SETUP_HOOK_ENV_VAR")
+    job = (ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}
+    return {} if name in job else {name: function}
+
+
 def can_scale_in_place() -> bool:
     """Whether this Serve takes a new worker count without a redeploy (its external scaler, Ray 2.53 on)."""
     from ray import serve

@@ -22,7 +22,7 @@ PRELOAD_ENV = "BYZER_MAGIC_PRELOAD"
 
 
 def preload() -> None:
-    """Ray's worker_process_setup_hook for workers: start importing the backend's `preload` modules in a thread.
+    """The workers' process setup hook (raydoor.setup_hook_env): start importing the backend's `preload` modules.
 
     It runs when the worker's process starts, before Serve creates the replica
     and long before the constructor, which then finds the import done or under
