@@ -124,6 +124,12 @@ def _report_throughput(label: str, rounds: list[tuple]) -> None:
           f"(goal >= 0.9x); each round: {', '.join(f'{r:.2f}x' for r in ratios)}")
     print(f"    CPU ms per request, endpoint path: clients {ecpu['clients']:.2f}, endpoint {ecpu['endpoint']:.2f}, "
           f"workers {ecpu['workers']:.2f}; handle path: clients {hcpu['clients']:.2f}, workers {hcpu['workers']:.2f}")
+    cores = os.cpu_count() or 1
+    here_e, here_h = cores * 1e3 / sum(ecpu.values()), cores * 1e3 / sum(hcpu.values())
+    print(f"    what the CPU allows: on these {cores} cores, endpoint path {here_e:.0f} req/s, handle path {here_h:.0f} "
+          f"req/s ({here_e / here_h:.2f}x); with a core each, one endpoint process {1e3 / ecpu['endpoint']:.0f} req/s, "
+          f"one openai-client process {1e3 / ecpu['clients']:.0f} req/s, one handle-caller process "
+          f"{1e3 / hcpu['clients']:.0f} req/s")
 
 
 def main() -> None:
