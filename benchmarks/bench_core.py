@@ -1,12 +1,13 @@
 """Deploy time, added chat latency and worker scaling, each against a baseline of the same run.
 
-    python benchmarks/bench_core.py [--requests 200] [--delay 0.1]
+    python benchmarks/bench_core.py [--requests 200] [--delay 0.1] [--rounds 5] [--only deploy,latency,cell,throughput]
 
 1. deploy -> ready for a 2-worker SaaS deployment on a running cluster,
    beside the time Ray takes to start one bare actor and answer a ping;
 2. latency a chat through the deployment adds over calling the same
    llama.cpp server directly with the openai client (median, p99), both
    streamed, from async code on the client loop and from sync code;
+   then a streamed `%%byzer_chat NAME -o r` cell, stage by stage;
 3. throughput of 1, 2 and 4 SaaS workers against a server that takes a
    fixed time per request, as a ratio to one worker, and the most requests
    the server ever saw at once.
@@ -76,19 +77,132 @@ def bare_actor_seconds() -> float:
     return took
 
 
-def bench_deploy(server, rounds: int = 3) -> None:
-    times, first_answer, bare = [], [], []
+def _timed(events: list[tuple[float, str]], polls: dict[str, list[float]], module, attr: str, label: str) -> None:
+    """Wrap module.attr: its first call's end goes on the timeline; later calls (the wait's polls) are summed."""
+    original = getattr(module, attr)
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        start = time.time()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            if label not in polls:
+                events.append((time.time(), label))
+            polls.setdefault(label, []).append(time.time() - start)
+
+    setattr(module, attr, wrapper)
+
+
+def _replica_events(name: str, workers: int) -> list[tuple[float, str]]:
+    """When Serve started each replica, its process began, and its constructor ran (from the worker's stats)."""
+    import psutil
+    from ray import serve
+
+    from byzer_magic.raydoor import serve_details
+
+    events = []
+    app = serve_details()["applications"][name]
+    replicas = app["deployments"]["ByzerWorker"]["replicas"]
+    for i, replica in enumerate(replicas):
+        events.append((replica["start_time_s"], f"worker {i}: Serve asks Ray for its actor"))
+        with contextlib.suppress(psutil.Error, KeyError):
+            events.append((psutil.Process(replica["pid"]).create_time(), f"worker {i}: its process starts"))
+
+    async def stats() -> dict:
+        return await serve.get_app_handle(name).stats.remote()
+
+    seen: dict = {}
+    for _ in range(40):
+        found = chat.run_on_client_loop(stats())
+        seen[found["pid"]] = found
+        if len(seen) == workers:
+            break
+    pids = [r.get("pid") for r in replicas]
+    for pid, stats in seen.items():
+        i = pids.index(pid) if pid in pids else "?"
+        events.append((stats["init_started_at"], f"worker {i}: Worker.__init__ starts (imports done)"))
+        events.append((stats["init_started_at"] + stats["init_s"], f"worker {i}: Worker.__init__ ends (backend ready)"))
+    return events
+
+
+def deploy_timeline(server, name: str, workers: int = 2) -> float:
+    """Deploy once with every step's end recorded, print the timeline, undeploy; returns deploy -> ready seconds."""
+    events: list[tuple[float, str]] = []
+    polls: dict[str, list[float]] = {}
+    saved = {attr: getattr(deploy, attr) for attr in ("preflight", "serve_details", "_check_resources", "start_app",
+                                                      "app_status") if hasattr(deploy, attr)}
+    for attr, label in (("preflight", "preflight checks"), ("serve_details", "Serve's details read"),
+                        ("_check_resources", "resources checked"), ("start_app", "app handed to Serve's controller"),
+                        ("app_status", "app status read")):
+        if hasattr(deploy, attr):
+            _timed(events, polls, deploy, attr, label)
+    last = [None]
+
+    def progress(current) -> None:
+        seen = f"{current.state}, workers {'/'.join(current.workers) or '-'}"
+        if seen != last[0]:
+            events.append((time.time(), f"status: {seen}"))
+            last[0] = seen
+
+    start = time.time()
+    try:
+        deploy.deploy(spec(server, name, workers), on_progress=progress)
+        ready = time.time()
+    finally:
+        for attr, original in saved.items():
+            setattr(deploy, attr, original)
+    events += _replica_events(name, workers)
+    deploy.undeploy(name)
+    print(f"timeline of one deploy ({workers} SaaS workers), seconds from deploy():")
+    previous = 0.0
+    for when, label in sorted(events):
+        at = when - start
+        print(f"  {at:6.3f} s (+{(at - previous) * 1e3:4.0f} ms)  {label}")
+        previous = max(previous, at)
+    print("  calls while waiting: " + "; ".join(f"{label} x{len(took)}, {sum(took) * 1e3:.0f} ms in all"
+                                               for label, took in polls.items() if len(took) > 1))
+    return ready - start
+
+
+def bare_serve_app_seconds(workers: int = 2) -> float:
+    """A Serve app of `workers` replicas of an empty class, with the same runtime env, deployed to running."""
+    from ray import serve
+
+    from byzer_magic.cluster import worker_runtime_env
+    from byzer_magic.raydoor import serve_details, start_app
+
+    @serve.deployment(num_replicas=workers, ray_actor_options={"num_cpus": 0.001, "runtime_env": worker_runtime_env()})
+    class Bare:
+        def __call__(self) -> int:
+            return 1
+
+    start = time.perf_counter()
+    start_app(Bare.bind(), "bench_bare")
+    while serve_details().get("applications", {}).get("bench_bare", {}).get("status") != "RUNNING":
+        time.sleep(0.05)
+    took = time.perf_counter() - start
+    serve.delete("bench_bare")
+    return took
+
+
+def bench_deploy(server, rounds: int = 5) -> None:
+    times, first_answer, bare, app = [], [], [], []
     for i in range(rounds):
         bare.append(bare_actor_seconds())
+        app.append(bare_serve_app_seconds())
         start = time.perf_counter()
         deploy.deploy(spec(server, f"bench_deploy{i}", 2))
         times.append(time.perf_counter() - start)
         chat.chat(f"bench_deploy{i}", "hi", SHORT)
         first_answer.append(time.perf_counter() - start)
         deploy.undeploy(f"bench_deploy{i}")
-    d, f, b = statistics.median(times), statistics.median(first_answer), statistics.median(bare)
-    print(f"deploy -> ready (2 SaaS workers), median of {rounds}: {d:.2f} s; to first answer {f:.2f} s")
-    print(f"  baseline, one bare Ray actor created and pinged: {b:.2f} s; ratio {d / b:.1f}x")
+    timeline = deploy_timeline(server, "bench_timeline")
+    d, f, b, a = (statistics.median(x) for x in (times, first_answer, bare, app))
+    print(f"deploy -> ready (2 SaaS workers), median of {rounds}: {d:.2f} s (goal < 2 s; the timeline's: "
+          f"{timeline:.2f} s); to first answer {f:.2f} s; each: {', '.join(f'{t:.2f}' for t in times)}")
+    print(f"  baselines: a bare 2-replica Serve app {a:.2f} s (ratio {d / a:.2f}x); one bare Ray actor created and "
+          f"pinged {b:.2f} s")
 
 
 async def _direct_once(client) -> float:
@@ -162,6 +276,83 @@ def bench_latency(server, n: int) -> None:
         deploy.undeploy("bench_latency")
 
 
+def _cell_rounds(server, name: str, n: int) -> dict[str, list[float]]:
+    """A streamed `%%byzer_chat NAME -o r` cell, each stage under it, and the provider called directly, interleaved.
+
+    The stages nest: the cell = its parsing + the sync stream printed (echo);
+    echo = the async stream on the client loop + the hop to the caller's
+    thread; the async stream = the provider + Serve's handle and the worker.
+    """
+    import io
+    from contextlib import redirect_stdout
+
+    import openai
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "byzer_magic")
+    client = openai.OpenAI(base_url=server.base_url, api_key="bench", max_retries=0)
+    sink = io.StringIO()
+
+    def direct() -> None:
+        for _ in client.chat.completions.create(model="tiny", messages=MESSAGES, stream=True, temperature=0,
+                                                max_tokens=1):
+            pass
+
+    def cell() -> None:
+        with redirect_stdout(sink):
+            shell.run_cell_magic("byzer_chat", f"{name} -o r --temperature 0 --max_tokens 1", "hi")
+
+    front = shell.find_magic("byzer_chat").__self__
+
+    def parse() -> None:
+        front.chat_request(f"{name} -o r --temperature 0 --max_tokens 1", "hi")
+
+    def echo() -> None:
+        chat.echo(name, MESSAGES, SHORT, out=sink)
+
+    def astream() -> None:
+        chat.run_on_client_loop(_deployed_once(name))
+
+    def whole() -> None:
+        chat.chat(name, MESSAGES, SHORT)
+
+    stages = {"direct (sync openai client)": direct, "cell %%byzer_chat -o r": cell, "  parsing the cell": parse,
+              "  echo (sync stream, printed)": echo, "  async stream on the client loop": astream,
+              "whole answer (chat.chat)": whole}
+    out: dict[str, list[float]] = {label: [] for label in stages}
+    for i in range(20 + n):
+        for label, call in stages.items():
+            start = time.perf_counter()
+            call()
+            if i >= 20:
+                out[label].append(time.perf_counter() - start)
+        sink.seek(0)
+        sink.truncate()
+    client.close()
+    return out
+
+
+def bench_cell(server, n: int) -> None:
+    server.control(delay=0, short_circuit=False)
+    deploy.deploy(spec(server, "bench_cell", 1))
+    try:
+        found = _cell_rounds(server, "bench_cell", n)
+    finally:
+        deploy.undeploy("bench_cell")
+    base = found.pop("direct (sync openai client)")
+    print(f"a chat from a cell, {n} short chats each (1 token), interleaved, against the sync openai client "
+          f"streaming from the provider directly (median {statistics.median(base) * 1e3:.2f} ms):")
+    for label, times in found.items():
+        median = statistics.median(times) * 1e3
+        if label.strip() == "parsing the cell":
+            print(f"  {label}: {median:.2f} ms")
+            continue
+        goal = " (goal <= 2 ms)" if label.startswith(("cell", "whole")) else ""
+        print(f"  {label}: +{median - statistics.median(base) * 1e3:.2f} ms over direct{goal} "
+              f"(median {median:.2f} ms, p99 {pct(times, 0.99) * 1e3:.2f} ms)")
+
+
 async def load(call: Callable[[], Awaitable], total: int, clients: int) -> float:
     """Requests per second when `clients` callers share `total` calls of `call`."""
     left = [total]
@@ -198,15 +389,26 @@ def bench_throughput(server, delay: float) -> None:
     server.control(delay=0, short_circuit=False)
 
 
+PARTS = ("deploy", "latency", "cell", "throughput")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--delay", type=float, default=0.1)
+    parser.add_argument("--rounds", type=int, default=5, help="deploys to take the median of")
+    parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts among {', '.join(PARTS)}")
     args = parser.parse_args()
+    parts = args.only.split(",")
     with tiny_server() as server:
-        bench_deploy(server)
-        bench_latency(server, args.requests)
-        bench_throughput(server, args.delay)
+        if "deploy" in parts:
+            bench_deploy(server, args.rounds)
+        if "latency" in parts:
+            bench_latency(server, args.requests)
+        if "cell" in parts:
+            bench_cell(server, args.requests)
+        if "throughput" in parts:
+            bench_throughput(server, args.delay)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ T = TypeVar("T")
 _loop: asyncio.AbstractEventLoop | None = None
 _loop_lock = threading.Lock()
 _handles: dict[str, Any] = {}
+_stream_handles: dict[str, Any] = {}
 _outstanding: collections.Counter[str] = collections.Counter()
 _publishers: dict[asyncio.AbstractEventLoop, asyncio.Task] = {}
 """One publisher per loop while that loop has requests outstanding; each removes itself when it ends."""
@@ -57,6 +58,14 @@ def run_on_client_loop(coro: Awaitable[T], timeout: float | None = None) -> T:
         raise
 
 
+def _streaming(name: str) -> Any:
+    """The handle that streams `chat`, made once per deployment: each `.options()` builds a new handle."""
+    handle = _stream_handles.get(name)
+    if handle is None:
+        handle = _stream_handles[name] = _handle(name).options(stream=True, method_name="chat")
+    return handle
+
+
 def _handle(name: str) -> Any:
     import ray
     from ray import serve
@@ -79,6 +88,7 @@ def _handle(name: str) -> Any:
 def forget(name: str) -> None:
     """Drop a cached handle, e.g. after its deployment was removed."""
     _handles.pop(name, None)
+    _stream_handles.pop(name, None)
 
 
 def _unwrap(name: str, exc: BaseException) -> BaseException:
@@ -158,9 +168,9 @@ async def astream(name: str, messages: Messages | str, gen: GenParams | None = N
 
     `messages` is a conversation, or a str: a raw prompt to continue.
     """
-    handle = _handle(name)
+    handle = _streaming(name)
     with _counted(name):
-        response = handle.options(stream=True).chat.remote(messages, gen or GenParams())
+        response = handle.remote(messages, gen or GenParams())
         finished = False
         try:
             async for delta in response:
@@ -242,7 +252,7 @@ def stream(name: str, messages: Messages, gen: GenParams | None = None) -> Itera
     Stopping early (break, KeyboardInterrupt) cancels the request, which the
     worker passes on to its backend.
     """
-    out: queue.Queue = queue.Queue()
+    out: queue.SimpleQueue = queue.SimpleQueue()  # C-level: it wakes the waiting thread sooner than queue.Queue
     done = object()
 
     async def pump() -> None:

@@ -206,7 +206,7 @@ def _serve(argv: list[str]) -> int:
         _say(gateway.stop())
     else:
         _say(gateway.start(args.host, args.port, args.api_key, allowed_hosts=args.allowed_hosts, force=args.force,
-                          max_body_mb=args.max_body_mb))
+                          max_body_mb=args.max_body_mb, processes=args.processes))
     return 0
 
 

@@ -11,15 +11,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import metrics
-from .raydoor import deployment_options, reason_in, serve_details, set_workers, start_app
+from .raydoor import (
+    app_status, deployment_options, reason_in, serve_details, set_workers, setup_hook_env, start_app,
+)
 from .cluster import connect, worker_runtime_env
 from .errors import DeployError, NotDeployedError, SpecError, redact
 from .spec import MAX_WORKERS, DeploySpec
 from .status import DeploymentStatus, StatusTable
-from .worker import WORKER_NAME, Worker
+from .worker import PRELOAD_ENV, WORKER_NAME, Worker
 
 Progress = Callable[[DeploymentStatus], None]
 _POLL_S = 0.05
+PROGRESS_S = 0.25
+"""How often a deploy with a progress callback reads the workers' states while Serve is still deploying."""
 
 
 def preflight(spec: DeploySpec) -> None:
@@ -122,6 +126,20 @@ def require(name: str, *, ray_address: str | None = None, with_metrics: bool = F
     return current
 
 
+def _runtime_env(spec: DeploySpec) -> dict[str, Any]:
+    """The workers' runtime env; where it already makes fresh processes, one that preloads the backend's modules.
+
+    On an embedded cluster the env is empty so workers reuse Ray's idle
+    processes; a preload hook there would cost a fresh process per worker.
+    """
+    env = worker_runtime_env()
+    modules = spec.backend_class.preload
+    hook = setup_hook_env("byzer_magic.worker.preload") if env and modules else {}
+    if not hook:
+        return env
+    return {**env, "env_vars": {**env.get("env_vars", {}), **hook, PRELOAD_ENV: ",".join(modules)}}
+
+
 def worker_options(spec: DeploySpec) -> dict[str, Any]:
     """Serve's deployment options for the spec's workers: replicas, resources, concurrency, health checks."""
     return dict(
@@ -131,7 +149,7 @@ def worker_options(spec: DeploySpec) -> dict[str, Any]:
         ray_actor_options={
             "num_cpus": spec.cpus_per_worker,
             "num_gpus": spec.gpus_per_worker,
-            "runtime_env": worker_runtime_env(),
+            "runtime_env": _runtime_env(spec),
         },
         user_config={**spec.describe(), "deployed_at": int(time.time())},
         max_constructor_retry_count=1,
@@ -190,8 +208,20 @@ def _refuse_foreign(name: str, app: dict[str, Any] | None) -> None:
 
 
 def _wait(name: str, workers: int, deadline: float, on_progress: Progress | None, timeout_flag: str) -> DeploymentStatus:
+    """Poll until the workers are ready; Serve's whole details only when they can say something new.
+
+    While the application is DEPLOYING nothing in the details can finish the
+    wait, so its bare status is polled (cheap for the controller), and the
+    details are read only every PROGRESS_S for on_progress.
+    """
     last = None
+    details_due = 0.0
     while True:
+        now = time.monotonic()
+        if app_status(name) == "DEPLOYING" and now < deadline and (on_progress is None or now < details_due):
+            time.sleep(_POLL_S)
+            continue
+        details_due = now + PROGRESS_S
         current = status(name)
         if current != last and on_progress:
             on_progress(current)

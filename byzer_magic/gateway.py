@@ -1,18 +1,26 @@
 """One OpenAI-compatible HTTP endpoint for every deployment, as a Serve app on the cluster.
 
-The endpoint is a one-replica Serve application whose replica runs uvicorn
-with `openai_api`'s app on the host and port asked for, and reaches the
-workers through Serve handles. Serve's own HTTP proxy is not used: its
-address is fixed when Serve starts, so a user who deployed first could not
-pick a port later without stopping every deployment. As a Serve app the
-endpoint outlives the kernel that started it, is health-checked and
-restarted by Serve, and sees deployments come and go without a restart.
+The endpoint is a Serve application of several replicas on this machine's
+node; each runs uvicorn (httptools on Ray's uvloop) with `openai_api`'s app
+on one listening port, which they share through SO_REUSEPORT, so the kernel
+spreads connections over them and HTTP parsing, SSE and the handle calls
+use as many cores as there are replicas. They reach the workers through
+Serve handles. Serve's own HTTP proxy is not used: its address is fixed
+when Serve starts, so a user who deployed first could not pick a port later
+without stopping every deployment. As a Serve app the endpoint outlives the
+kernel that started it, is health-checked and restarted by Serve, and sees
+deployments come and go without a restart. Its Prometheus series are kept
+in prometheus_client's multiprocess files, so /metrics on any replica
+counts the requests of all.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
 import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterator
@@ -92,22 +100,44 @@ def _protocol() -> type:
     return Deadline
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def default_processes() -> int:
+    """Server processes for this machine: two at least (one busy parsing never stalls the rest), at most four."""
+    return max(2, min(4, (os.cpu_count() or 2) // 2))
+
+
+def _bind(host: str, port: int, shared: bool) -> socket.socket:
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if shared:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise DeployError(f"cannot listen on {host}:{port} ({reason}); pick another --port or --host") from None
+    return sock
+
+
+def _check_free(host: str, port: int) -> None:
+    """Refuse a port that any socket holds, before the replicas share it.
+
+    The replicas bind with SO_REUSEPORT, which another process of this user
+    that also sets it (another cluster's endpoint) could share silently; a
+    plain bind first fails on every holder, with the one readable sentence.
+    """
+    _bind(host, port, shared=False).close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    sock = _bind(host, port, shared=True)
     sock.listen(2048)
     sock.setblocking(False)
     return sock
 
 
 class Gateway:
-    """The Serve replica that hosts the HTTP server."""
+    """One Serve replica of the endpoint: an HTTP server on the shared port."""
 
     async def __init__(self, host: str, port: int, digest: str | None, allowed_hosts: list[str] | None = None,
                        max_body_bytes: int = 16 << 20):
@@ -213,6 +243,7 @@ def start(
     allowed_hosts: str | None = None,
     force: bool = False,
     max_body_mb: float = SERVE_DEFAULTS.max_body_mb,
+    processes: int | None = None,
     ray_address: str | None = None,
     timeout: float = 60.0,
 ) -> Endpoint:
@@ -220,8 +251,8 @@ def start(
 
     A plain repeat keeps a running endpoint and its key; replacing one that
     listens on loopback with one open to the network takes --force. The
-    replica is pinned to this machine's Ray node, so 127.0.0.1 means the
-    machine the notebook runs on.
+    replicas (`processes`, default_processes() if None) are pinned to this
+    machine's Ray node, so 127.0.0.1 means the machine the notebook runs on.
     """
     import ray
     from ray import serve
@@ -235,12 +266,17 @@ def start(
     if _keeps(current, host, port, generated, force):
         return current
     if current:
-        serve.delete(GATEWAY_APP)
+        _delete()
+    _check_free(host, port)
+    metrics_dir = tempfile.mkdtemp(prefix="byzer-endpoint-metrics-")
     node = f"node:{ray.util.get_node_ip_address()}"
+    env = worker_runtime_env().get("env_vars", {})
     app = serve.deployment(Gateway, name=GATEWAY_NAME).options(**deployment_options(dict(
-        num_replicas=1,
-        ray_actor_options={"num_cpus": 0, "resources": {node: 0.001}, "runtime_env": worker_runtime_env()},
-        user_config={"host": host, "port": port, "auth": True, "key": "generated" if generated else "given"},
+        num_replicas=processes or default_processes(),
+        ray_actor_options={"num_cpus": 0, "resources": {node: 0.001},
+                           "runtime_env": {"env_vars": {**env, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}}},
+        user_config={"host": host, "port": port, "auth": True, "key": "generated" if generated else "given",
+                     "metrics_dir": metrics_dir},
         max_constructor_retry_count=1,
         health_check_period_s=2,
         graceful_shutdown_timeout_s=5,
@@ -258,16 +294,28 @@ def start(
                 raise DeployError(f"the OpenAI endpoint was not up within {timeout:g} s")
             time.sleep(0.05)
     except BaseException:
-        serve.delete(GATEWAY_APP)
+        _delete(metrics_dir)
         raise
+
+
+def _delete(metrics_dir: str | None = None) -> None:
+    """Remove the endpoint's app, then its metrics files (on this machine, where its replicas ran)."""
+    from ray import serve
+
+    from .raydoor import serve_details
+
+    app = serve_details().get("applications", {}).get(GATEWAY_APP) or {}
+    config = app.get("deployments", {}).get(GATEWAY_NAME, {}).get("deployment_config", {}).get("user_config") or {}
+    serve.delete(GATEWAY_APP)
+    folder = str(metrics_dir or config.get("metrics_dir") or "")
+    if os.path.basename(folder).startswith("byzer-endpoint-metrics-"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def stop(*, ray_address: str | None = None) -> Endpoint:
     """Stop the endpoint; the deployments behind it keep running."""
-    from ray import serve
-
     current = endpoint(ray_address=ray_address)
     if current is None:
         raise NotDeployedError("no OpenAI endpoint is running on this cluster (start one with %byzer_serve)")
-    serve.delete(GATEWAY_APP)
+    _delete()
     return Endpoint(current.host, current.port, current.auth, "stopped")

@@ -169,6 +169,18 @@ class ByzerMagics(Magics, Configurable):
             %%byzer_chat my_chat -o answer --system "Answer in one line."
             A long, multi-line question...
         """
+        name, messages, options = self.chat_request(line, cell)
+        connect(self.ray_address, embedded_ok=False)
+        if self.stream and not options.no_stream:
+            result = chat_api.echo(name, messages, options.gen())
+        else:
+            result = chat_api.chat(name, messages, options.gen())
+            print(result.text)
+        if options.output:
+            self.shell.user_ns[options.output] = result
+
+    def chat_request(self, line: str, cell: str | None) -> tuple[str, list[dict[str, Any]], ChatOptions]:
+        """What a `%byzer_chat` line or cell asks: the deployment, the messages and the options, checked."""
         words, prompt = split_chat_line(line)
         args = parse_argstring(self.byzer_chat, " ".join(shlex.quote(w) for w in words))
         text = cell if cell is not None else prompt
@@ -177,15 +189,7 @@ class ByzerMagics(Magics, Configurable):
         defaults = {name: getattr(self, name) for name in _CHAT_DEFAULTS}
         given = {k: v for k, v in vars(args).items() if k in ChatOptions.model_fields and v is not None}
         options = validated(ChatOptions, {**defaults, **given})
-        messages = chat_api.messages_for(text.strip(), options.system)
-        connect(self.ray_address, embedded_ok=False)
-        if self.stream and not options.no_stream:
-            result = chat_api.echo(args.name, messages, options.gen())
-        else:
-            result = chat_api.chat(args.name, messages, options.gen())
-            print(result.text)
-        if options.output:
-            self.shell.user_ns[options.output] = result
+        return args.name, chat_api.messages_for(text.strip(), options.system), options
 
     @line_cell_magic
     @_friendly
@@ -287,7 +291,7 @@ class ByzerMagics(Magics, Configurable):
         if args.stop:
             return gateway.stop(ray_address=ray_address)
         return gateway.start(args.host, args.port, args.api_key, allowed_hosts=args.allowed_hosts, force=args.force,
-                             max_body_mb=args.max_body_mb, ray_address=ray_address)
+                             max_body_mb=args.max_body_mb, processes=args.processes, ray_address=ray_address)
 
     byzer_serve.__doc__ = f"""Serve every deployment at one OpenAI-compatible URL, from the cluster.
 

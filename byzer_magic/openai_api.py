@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import os
 import time
 import uuid
 from typing import Any, AsyncIterator, Awaitable, Callable, Literal, Protocol, TypeVar
@@ -221,10 +222,21 @@ def _event(payload: BaseModel | dict[str, Any] | str) -> bytes:
 
 
 class _Metrics:
-    """Prometheus series per deployment, in a registry of the gateway's own."""
+    """Prometheus series per deployment, in a registry of the gateway's own.
+
+    Where PROMETHEUS_MULTIPROC_DIR is set (the gateway's replicas share one
+    port), prometheus_client keeps the values in files there and `exposed`
+    reads every process's.
+    """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.exposed = self.registry
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            self.exposed = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.exposed)
         self.requests = Counter("byzer_requests", "requests answered", ["model", "route", "status"], registry=self.registry)
         self.errors = Counter("byzer_request_errors", "requests that failed", ["model", "route", "type"], registry=self.registry)
         self.latency = Histogram(
@@ -409,7 +421,7 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None, allowe
 
     @app.get("/metrics", responses=_AUTH_ERRORS)
     async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(metrics.exposed), media_type=CONTENT_TYPE_LATEST)
 
     def card(info: dict[str, Any]) -> Model:
         return Model(

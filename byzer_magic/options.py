@@ -89,6 +89,8 @@ class ServeFlags(BaseModel):
     force: bool = Field(False, description="replace a running endpoint even where the new one is less protected")
     max_body_mb: float = Field(16.0, gt=0, le=1024, description="largest request body, in MiB; a larger one gets 413 "
                                                                 "before it is read")
+    processes: int | None = Field(None, ge=1, le=32, description="server processes sharing the port; default: half "
+                                                                  "this machine's cores, 2 to 4")
     stop: bool = Field(False, description="stop the endpoint (the deployments keep running)")
     ray_address: str | None = Field(None, description="Ray cluster to use; default RAY_ADDRESS, else the running one")
 

@@ -140,6 +140,40 @@ async def serve_details_async() -> dict[str, Any]:
     return await _controller().get_serve_instance_details.remote()
 
 
+def app_status(name: str) -> str:
+    """One application's status alone: RUNNING, DEPLOYING, DEPLOY_FAILED, UNHEALTHY, DELETING or NOT_STARTED.
+
+    Serve's own wait (`serve.run`) asks this; the controller answers it from
+    memory, while the whole details (serve_details) rebuild every
+    application's description and read the config checkpoint each time. A
+    deploy polls this instead, so its polling costs the controller that is
+    starting its workers almost nothing.
+    """
+    import ray
+
+    proto = _private("ray.serve.generated.serve_pb2", "StatusOverview")
+    statuses = _private("ray.serve.generated.serve_pb2", "ApplicationStatus")
+    raw = ray.get(_controller().get_serve_status.remote(name))
+    if raw is None:
+        return "NOT_STARTED"
+    return statuses.Name(proto.FromString(raw).app_status.status).removeprefix("APPLICATION_STATUS_")
+
+
+def setup_hook_env(function: str) -> dict[str, str]:
+    """The env var that makes a fresh worker process call `function` ("module.name") when it starts.
+
+    Ray's own `worker_process_setup_hook` takes effect only in a job's
+    runtime env (ray.init), where Ray turns it into this variable; in an
+    actor's runtime env the variable itself does it. Empty where the job has
+    a hook of its own, which ours must not replace.
+    """
+    import ray
+
+    name = _private("ray._private.ray_constants", "WORKER_PROCESS_SETUP_HOOK_ENV_VAR")
+    job = (ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}
+    return {} if name in job else {name: function}
+
+
 def can_scale_in_place() -> bool:
     """Whether this Serve takes a new worker count without a redeploy (its external scaler, Ray 2.53 on)."""
     from ray import serve

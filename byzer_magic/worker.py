@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from typing import Any, AsyncIterator
 
 from . import metrics
@@ -17,6 +18,26 @@ from .metrics import RequestLog
 from .spec import DeploySpec
 
 WORKER_NAME = "ByzerWorker"
+PRELOAD_ENV = "BYZER_MAGIC_PRELOAD"
+
+
+def preload() -> None:
+    """The workers' process setup hook (raydoor.setup_hook_env): start importing the backend's `preload` modules.
+
+    It runs when the worker's process starts, before Serve creates the replica
+    and long before the constructor, which then finds the import done or under
+    way (Python's import lock makes it wait for the rest, never import twice).
+    Any failure is left for the constructor to report as it always has.
+    """
+    import importlib
+    import threading
+
+    def load() -> None:
+        for module in filter(None, os.environ.get(PRELOAD_ENV, "").split(",")):
+            with contextlib.suppress(Exception):
+                importlib.import_module(module)
+
+    threading.Thread(target=load, name="byzer-magic-preload", daemon=True).start()
 
 
 STREAMS_PER_TOKEN = 16
@@ -44,6 +65,7 @@ class Worker:
     """One worker of one deployment."""
 
     async def __init__(self, spec: DeploySpec):
+        started = time.time()
         self._backend = self._build_backend(spec)
         await self._backend.start()
         from ray import serve
@@ -51,6 +73,7 @@ class Worker:
         self._log = RequestLog()
         context = serve.get_replica_context()
         self._where = (context.app_name, context.replica_id.unique_id)
+        self._init_span = (started, time.time())
 
     @staticmethod
     def _build_backend(spec: DeploySpec) -> Backend:
@@ -114,7 +137,10 @@ class Worker:
         return total
 
     def stats(self) -> dict[str, Any]:
-        return {**self._backend.stats(), **self._log.summary(), "pid": os.getpid()}
+        """The backend's and the request log's figures, with when this worker's constructor ran (wall clock)."""
+        started, ready = self._init_span
+        return {**self._backend.stats(), **self._log.summary(), "pid": os.getpid(), "init_started_at": started,
+                "init_s": ready - started}
 
     async def check_health(self) -> None:
         """Serve calls this every 2 s; it also hands the card this worker's figures.

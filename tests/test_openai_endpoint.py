@@ -243,9 +243,10 @@ def test_a_plain_serve_is_closed_keeps_its_key_and_checks_the_host(served):
         url = f"http://127.0.0.1:{port}/v1/models"
         assert http(url)[0] == 401
         assert http(url, key=endpoint_key())[0] == 200
-        replica = alive_replicas(gateway.GATEWAY_APP)
+        replicas = sorted(a.actor_id for a in alive_replicas(gateway.GATEWAY_APP))
         again = gateway.start("127.0.0.1", port)
-        assert again == first and alive_replicas(gateway.GATEWAY_APP) == replica, "a plain repeat must not replace it"
+        assert again == first and sorted(a.actor_id for a in alive_replicas(gateway.GATEWAY_APP)) == replicas, \
+            "a plain repeat must not replace it"
         rebound = urllib.request.Request(url, headers={"Host": "attacker.example", "Authorization": f"Bearer {endpoint_key()}"})
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(rebound, timeout=30)
@@ -257,12 +258,43 @@ def test_a_plain_serve_is_closed_keeps_its_key_and_checks_the_host(served):
         gateway.start(served.host, served.port, KEY)
 
 
-def _gateway_rss_mib() -> float:
+def _gateway_processes() -> list:
     import psutil
 
-    found = [p for p in psutil.process_iter(["cmdline"]) if "ServeReplica:byzer_openai" in " ".join(p.info["cmdline"] or [])]
-    assert len(found) == 1, "one gateway process"
-    return found[0].memory_info().rss / 2**20
+    return [p for p in psutil.process_iter(["cmdline"]) if "ServeReplica:byzer_openai" in " ".join(p.info["cmdline"] or [])]
+
+
+def _gateway_rss_mib() -> float:
+    found = _gateway_processes()
+    assert len(found) == gateway.default_processes(), "the endpoint's processes, no more"
+    return sum(p.memory_info().rss for p in found) / 2**20
+
+
+def _counted(url: str, sample: str) -> float:
+    request = urllib.request.Request(url.removesuffix("/v1") + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    text = urllib.request.urlopen(request, timeout=10).read().decode()
+    return sum(float(line.rpartition(" ")[2]) for line in text.splitlines() if line.startswith(sample))
+
+
+def test_its_processes_share_the_port_and_count_together(served):
+    """Connections spread over every process of the endpoint, and /metrics on any one counts them all."""
+    import socket
+    import time
+
+    held = [socket.create_connection((served.host, served.port), timeout=10) for _ in range(40)]
+    try:
+        time.sleep(0.5)
+        taken = [sum(c.laddr.port == served.port and c.status == "ESTABLISHED" for c in p.net_connections())
+                 for p in _gateway_processes()]
+    finally:
+        for sock in held:
+            sock.close()
+    assert len(taken) == gateway.default_processes() >= 2 and sum(taken) == 40 and min(taken) > 0, taken
+    sample = 'byzer_requests_total{model="-",route="chat",status="404"}'
+    before = _counted(served.url, sample)
+    for i in range(40):  # urllib opens a new connection each time, which the kernel hands to any of them
+        assert http(f"{served.url}/chat/completions", {"model": f"nobody_{i}", "messages": HELLO}, key=KEY)[0] == 404
+    assert _counted(served.url, sample) - before == 40
 
 
 def test_a_40_mib_body_is_refused_before_it_is_read(served):

@@ -149,6 +149,10 @@ class Backend(abc.ABC):
     """What --model_path must name; None: the backend takes no model path."""
     no_model_path_why: ClassVar[str] = ""
     gpu_rule: ClassVar[GpuRule] = GpuRule()
+    preload: ClassVar[tuple[str, ...]] = ()
+    """Modules a worker's process imports in the background as soon as it starts, while Serve is still setting
+    the replica up, so the constructor finds them imported: only small pure-Python ones whose import is most of
+    a worker's start (openai's), never an engine's (vLLM and torch start threads and processes)."""
 
     def __init__(self, settings: BackendSettings, context: Context):
         self.settings = settings

@@ -68,6 +68,7 @@ class Backend(base.Backend):
     Settings = Settings
     prefix = "saas."
     library = "openai"
+    preload = ("openai",)
     model_type_prefix = "saas/"
     model_path_help = None
     no_model_path_why = "the endpoint holds the model"
