@@ -86,7 +86,12 @@ class _Generation(Sampling, _Lenient):
 
     def gen(self) -> GenParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return GenParams(self.temperature, self._max_tokens(), self.top_p, self.seed, tuple(stop), self.ignore_eos)
+        return GenParams(self.temperature, self._max_tokens(), self.top_p, self.seed, tuple(stop), self.ignore_eos,
+                         **self._chat_fields())
+
+    def _chat_fields(self) -> dict[str, Any]:
+        """GenParams fields only chat requests carry (tools, response_format)."""
+        return {}
 
     def _max_tokens(self) -> int | None:
         return self.max_tokens
@@ -99,8 +104,17 @@ class ChatRequest(_Generation):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Sampling.model_fields["max_tokens"]
 
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
     def _max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def _chat_fields(self) -> dict[str, Any]:
+        return {"response_format": self.response_format, "tools": self.tools, "tool_choice": self.tool_choice,
+                "parallel_tool_calls": self.parallel_tool_calls}
 
 
 class CompletionRequest(_Generation):

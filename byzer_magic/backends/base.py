@@ -66,6 +66,18 @@ class GenParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     """Generate max_tokens whatever the model says (vLLM's extension, for load tests); vLLM honours it."""
+    response_format: dict[str, Any] | None = None
+    """OpenAI's response_format as sent; only backends with `capabilities.structured_output` get one."""
+    tools: list[dict[str, Any]] | None = None
+    """OpenAI's tools as sent; only backends with `capabilities.tools` get them (with tool_choice, parallel_tool_calls)."""
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[int, float] | None = None
+    """Token id to bias, checked against the model's vocabulary before it reaches a backend."""
+    provider_fields: dict[str, Any] = field(default_factory=dict)
+    """OpenAI fields a provider takes as they are (user, metadata, service_tier, ...), for backends that forward them."""
 
     def over(self, settings: BaseModel) -> GenParams:
         """These values, with the deployment's defaults where the chat left one unset.
@@ -78,6 +90,28 @@ class GenParams:
             if getattr(self, name) is None and getattr(settings, name, None) is not None
         }
         return dataclasses.replace(self, **found)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend honours beyond the fields every backend must (temperature, top_p, max_tokens, stop).
+
+    The endpoint and the worker refuse a request that asks for something its
+    backend does not declare here, with a 400 naming the field and the backend,
+    so nothing a client sends is silently dropped.
+    """
+
+    tools: bool = False
+    """tools, tool_choice and parallel_tool_calls; answers may carry tool calls."""
+    structured_output: bool = False
+    """response_format json_object and json_schema."""
+    # Sampling and forwarding fields follow.
+    seed: bool = False
+    penalties: bool = False
+    """presence_penalty and frequency_penalty, as OpenAI defines them."""
+    logit_bias: bool = False
+    provider_fields: bool = False
+    """Passes GenParams.provider_fields on to the provider as given (SaaS)."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +183,8 @@ class Backend(abc.ABC):
     """What --model_path must name; None: the backend takes no model path."""
     no_model_path_why: ClassVar[str] = ""
     gpu_rule: ClassVar[GpuRule] = GpuRule()
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    """The request fields it honours; the rest are refused before they reach it."""
 
     def __init__(self, settings: BackendSettings, context: Context):
         self.settings = settings

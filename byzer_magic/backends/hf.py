@@ -17,7 +17,7 @@ from pydantic import Field
 
 from ..errors import BackendError, WrongTaskError
 from . import base
-from .base import BackendSettings, Context, Delta, Embeddings, GenParams, Messages
+from .base import BackendSettings, Capabilities, Context, Delta, Embeddings, GenParams, Messages
 
 
 class Settings(BackendSettings):
@@ -75,6 +75,14 @@ class Backend(base.Backend):
     extra = "transformers"
     tasks = frozenset({"chat", "embed"})
     serves_model_types = True
+    capabilities = Capabilities(
+        tools=False,
+        structured_output=False,
+        # Sampling and forwarding fields follow.
+        seed=True,
+        penalties=False,
+        logit_bias=True,
+    )
 
     def __init__(self, settings: Settings, context: Context):
         super().__init__(settings, context)

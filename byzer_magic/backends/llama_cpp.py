@@ -15,7 +15,7 @@ from pydantic import Field
 
 from ..errors import BackendError
 from . import base
-from .base import BackendSettings, Context, Delta, GenParams, Messages
+from .base import BackendSettings, Capabilities, Context, Delta, GenParams, Messages
 
 
 class Settings(BackendSettings):
@@ -44,6 +44,14 @@ class Backend(base.Backend):
     library = "llama_cpp"
     extra = "llama-cpp"
     model_path_help = "the .gguf file to load"
+    capabilities = Capabilities(
+        tools=False,
+        structured_output=False,
+        # Sampling and forwarding fields follow.
+        seed=True,
+        penalties=True,
+        logit_bias=True,
+    )
 
     def __init__(self, settings: Settings, context: Context):
         super().__init__(settings, context)

@@ -16,7 +16,7 @@ from pydantic import Field, SecretStr
 
 from ..errors import BackendError, SpecError, redact
 from . import base
-from .base import BackendSettings, Context, Delta, GenParams, Messages
+from .base import BackendSettings, Capabilities, Context, Delta, GenParams, Messages
 from .providers import PROVIDER_BASE_URLS
 
 
@@ -71,6 +71,15 @@ class Backend(base.Backend):
     model_type_prefix = "saas/"
     model_path_help = None
     no_model_path_why = "the endpoint holds the model"
+    capabilities = Capabilities(
+        tools=False,
+        structured_output=False,
+        # Sampling and forwarding fields follow.
+        seed=True,
+        penalties=True,
+        logit_bias=True,
+        provider_fields=True,
+    )
 
     def __init__(self, settings: Settings, context: Context):
         super().__init__(settings, context)

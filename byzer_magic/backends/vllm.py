@@ -19,7 +19,7 @@ from pydantic import ConfigDict, Field
 
 from ..errors import BackendError
 from . import base
-from .base import BackendSettings, Context, Delta, GenParams, GpuRule, Messages
+from .base import BackendSettings, Capabilities, Context, Delta, GenParams, GpuRule, Messages
 
 
 @functools.cache
@@ -110,6 +110,14 @@ class Backend(base.Backend):
     library = "vllm"
     extra = "vllm"
     gpu_rule = GpuRule(whole_above_one=True)
+    capabilities = Capabilities(
+        tools=False,
+        structured_output=False,
+        # Sampling and forwarding fields follow.
+        seed=True,
+        penalties=True,
+        logit_bias=True,
+    )
 
     def __init__(self, settings: Settings, context: Context):
         super().__init__(settings, context)
