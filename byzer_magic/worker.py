@@ -14,6 +14,7 @@ from . import metrics
 from .backends.base import Backend, Delta, Embeddings, GenParams, Messages
 from .errors import SpecError
 from .metrics import RequestLog
+from .request_fields import bad_token, refusal
 from .spec import DeploySpec
 
 WORKER_NAME = "ByzerWorker"
@@ -51,6 +52,10 @@ class Worker:
         self._log = RequestLog()
         context = serve.get_replica_context()
         self._where = (context.app_name, context.replica_id.unique_id)
+        try:
+            metrics.publish_context(context.app_name, self._backend.context_length())
+        except Exception as exc:  # noqa: BLE001 - /v1/models then shows no context length; chats are unaffected
+            logging.getLogger("ray.serve").warning("byzer_magic: could not publish the context length: %s", exc)
 
     @staticmethod
     def _build_backend(spec: DeploySpec) -> Backend:
@@ -65,7 +70,7 @@ class Worker:
         busy, in fewer, larger messages when it is (STREAMS_PER_TOKEN); the
         text-less tail (finish reason, usage) is folded into the last message.
         """
-        self._within_context(gen)
+        gen = self._admit(gen)
         held: Delta | None = None
         pieces, first = 0, True
         with self._log.request() as tally:
@@ -84,6 +89,22 @@ class Worker:
             if held is not None:
                 tally.tokens = (held.usage or {}).get("completion_tokens", tally.tokens)
                 yield held
+
+    def _admit(self, gen: GenParams) -> GenParams:
+        """Refuse, before the backend sees it, what it cannot honour; then apply the deployment's defaults.
+
+        Fields the backend does not declare (request_fields), a logit_bias on
+        a token the model lacks and a max_tokens past the context are each a
+        FieldError/SpecError (a 400 at the endpoint), and nothing ran.
+        """
+        backend = self._backend
+        who = f"{self._where[0]!r} ({backend.name})"
+        problem = refusal(gen, backend.capabilities, who, backend.context.task) or bad_token(gen, backend.vocab_size(), who)
+        if problem is not None:
+            raise problem
+        gen = gen.over(backend.settings)
+        self._within_context(gen)
+        return gen
 
     def _within_context(self, gen: GenParams) -> None:
         """A max_tokens the model's context cannot hold is refused at once (a 400 at the endpoint)."""

@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator, ClassVar, Mapping
 
 from pydantic import BaseModel, ConfigDict
 
-from ..errors import WrongTaskError
+from ..errors import FieldError, WrongTaskError
 
 
 class BackendSettings(BaseModel):
@@ -112,6 +112,16 @@ class Capabilities:
     logit_bias: bool = False
     provider_fields: bool = False
     """Passes GenParams.provider_fields on to the provider as given (SaaS)."""
+    ignore_eos: bool = False
+
+
+def context_exceeded(deployment: str, prompt_tokens: int, limit: int, chat: bool = True) -> FieldError:
+    """OpenAI's context_length_exceeded, as one sentence with both numbers."""
+    return FieldError(
+        "messages" if chat else "prompt",
+        f"the prompt is {prompt_tokens} tokens, and {deployment!r} holds {limit} tokens in its context, answer "
+        f"included; shorten the prompt", "context_length_exceeded",
+    )
 
 
 @dataclass(frozen=True)
@@ -239,6 +249,23 @@ class Backend(abc.ABC):
     def context_length(self) -> int | None:
         """The most tokens one request may hold once started; None where the backend cannot tell (a provider)."""
         return None
+
+    def vocab_size(self) -> int | None:
+        """How many token ids the model has, to check logit_bias; None where unknown (a provider checks its own)."""
+        return None
+
+    def answer_budget(self, prompt_tokens: int, gen: GenParams, chat: bool = True) -> int:
+        """The most tokens an answer to this prompt may take: what is left of the context, at most max_tokens.
+
+        A prompt that leaves no room is refused with both numbers; a max_tokens
+        past the context's end is cut there (the answer ends with "length").
+        """
+        limit = self.context_length()
+        if not limit:
+            return gen.max_tokens or 0
+        if prompt_tokens >= limit:
+            raise context_exceeded(self.context.deployment, prompt_tokens, limit, chat)
+        return min(gen.max_tokens or limit, limit - prompt_tokens)
 
     def stats(self) -> dict[str, Any]:
         """Figures only the backend knows (its device, requests running in its engine); the worker counts requests."""

@@ -18,6 +18,7 @@ from ..errors import BackendError, SpecError, redact
 from . import base
 from .base import BackendSettings, Capabilities, Context, Delta, GenParams, Messages
 from .providers import PROVIDER_BASE_URLS
+from ..request_fields import forwarded
 
 
 class Settings(BackendSettings):
@@ -138,6 +139,12 @@ class Backend(base.Backend):
             kwargs["seed"] = gen.seed
         if gen.stop:
             kwargs["stop"] = list(gen.stop)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(gen, name):
+                kwargs[name] = getattr(gen, name)
+        if gen.logit_bias:
+            kwargs["logit_bias"] = {str(token): bias for token, bias in gen.logit_bias.items()}
+        kwargs.update(forwarded(gen))
         return kwargs
 
     def chat(self, messages: Messages, gen: GenParams) -> AsyncIterator[Delta]:
