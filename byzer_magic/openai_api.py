@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from .backends.base import Delta, Embeddings, GenParams, Messages
-from .errors import BackendError, ByzerError, NotDeployedError, WrongTaskError
+from .errors import BackendError, ByzerError, FieldError, NotDeployedError, WrongTaskError
 from .options import Sampling
 
 
@@ -230,6 +230,8 @@ def _api_error(exc: BaseException) -> ApiError:
         return exc
     if isinstance(exc, NotDeployedError):
         return ApiError(404, str(exc), "invalid_request_error", "model", "model_not_found")
+    if isinstance(exc, FieldError):
+        return ApiError(400, str(exc), "invalid_request_error", exc.param, exc.code)
     if isinstance(exc, WrongTaskError):
         return ApiError(400, str(exc), "invalid_request_error", "model", "wrong_model_task")
     if isinstance(exc, BackendError):

@@ -116,3 +116,52 @@ def bad_token(gen: GenParams, vocab_size: int | None, who: str) -> FieldError | 
         return None
     return FieldError("logit_bias", f"logit_bias: token {outside[0]} is not in {who}'s vocabulary "
                                     f"(token ids 0 to {vocab_size - 1})")
+
+
+def _cell(field: str, can: Capabilities) -> str:
+    """What one backend does with one field, in a word or two, for the README's table."""
+    capability = {"tools": "tools", "tool_choice": "tools", "parallel_tool_calls": "tools",
+                  "response_format": "structured_output", "seed": "seed", "presence_penalty": "penalties",
+                  "frequency_penalty": "penalties", "logit_bias": "logit_bias", "ignore_eos": "ignore_eos"}.get(field)
+    if capability is not None:
+        if getattr(can, capability):
+            return "yes"
+        return '"text" only' if field == "response_format" else "refused"
+    if field in _NOWHERE:
+        return {"n": "1 only", "best_of": "1 only", "modalities": '["text"] only'}.get(field, "refused")
+    if field in FORWARDED:
+        if can.provider_fields:
+            return "forwarded"
+        return {"user": "taken, no effect", "store": "false only", "service_tier": '"auto"/"default" only'}.get(
+            field, "refused")
+    return "yes"
+
+
+TABLE_FIELDS = (
+    "messages / prompt", "stream", "stream_options", "max_tokens / max_completion_tokens", "temperature", "top_p",
+    "stop", "seed", "presence_penalty", "frequency_penalty", "logit_bias", "tools", "tool_choice",
+    "parallel_tool_calls", "response_format", "n", "best_of", "logprobs", "top_logprobs", "echo", "suffix", "user",
+    "metadata", "store", "service_tier", "prediction", "reasoning_effort", "modalities", "audio",
+    "web_search_options", "functions", "function_call", "ignore_eos",
+)
+
+
+def table(backends: list[tuple[str, Capabilities]]) -> str:
+    """The README's field-by-backend table, written from the backends' own declarations."""
+    lines = ["| field | " + " | ".join(name for name, _ in backends) + " |",
+             "|---" * (len(backends) + 1) + "|"]
+    for field in TABLE_FIELDS:
+        cells = [_cell(field, can) for _, can in backends]
+        lines.append(f"| `{field}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Print the README's table for the built-in backends: `python -m byzer_magic.request_fields`."""
+    from .backends import _BUILT_IN, find
+
+    print(table([(name, find(name).capabilities) for name in _BUILT_IN]))
+
+
+if __name__ == "__main__":
+    main()
