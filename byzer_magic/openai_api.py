@@ -497,7 +497,8 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None, allowe
 
     @app.get("/v1/models", responses=_AUTH_ERRORS)
     async def list_models() -> dict[str, Any]:
-        cards = [card(info).model_dump(exclude_none=True) for info in await deployments.models()]
+        cards = [{**card(info).model_dump(exclude_none=True), "max_model_len": info.get("max_model_len")}
+                 for info in await deployments.models()]
         return {"object": "list", "data": cards}
 
     @app.get("/v1/models/{model}", responses=_MODEL_ERRORS)
