@@ -175,14 +175,17 @@ def test_bad_requests_are_400_naming_the_field(served, body, param):
 
 
 def test_refusals_name_the_backend_and_reach_no_backend(client):
-    served_before = chat.run_on_client_loop(chat._handle("ep_llama").stats.remote())["served"]
+    async def served() -> int:
+        return (await chat._handle("ep_llama").stats.remote())["served"]
+
+    served_before = chat.run_on_client_loop(served())
     for fields, param in (({"n": 3}, "n"), ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
                           ({"logit_bias": {"512": 1}}, "logit_bias")):
         with pytest.raises(openai.BadRequestError) as caught:
             client.chat.completions.create(model="ep_llama", messages=HELLO, **fields)
         assert caught.value.param == param and f"{param}: 'ep_llama' (llama_cpp) " in caught.value.message
     assert "token 512 is not in 'ep_llama' (llama_cpp)'s vocabulary (token ids 0 to 511)" in caught.value.message
-    assert chat.run_on_client_loop(chat._handle("ep_llama").stats.remote())["served"] == served_before
+    assert chat.run_on_client_loop(served()) == served_before
 
 
 def test_logit_bias_is_honoured_as_llama_cpp_honours_it(client, direct_llama):
@@ -207,7 +210,7 @@ def test_a_prompt_over_the_context_is_a_400_at_once_with_both_numbers(client, di
             client.chat.completions.create(model="ep_llama", messages=long, stream=stream)
         assert time.monotonic() - started < 10
         assert caught.value.code == "context_length_exceeded" and caught.value.param == "messages"
-        assert caught.value.message == (f"the prompt is {tokens} tokens, and 'ep_llama' holds 512 tokens in its "
+        assert caught.value.body["message"] == (f"the prompt is {tokens} tokens, and 'ep_llama' holds 512 tokens in its "
                                         f"context, answer included; shorten the prompt")
 
 
@@ -222,10 +225,9 @@ def test_max_tokens_left_out_is_what_the_context_has_left(client, direct_llama):
     whole = client.chat.completions.create(model="ep_llama", messages=[{"role": "user", "content": "ray " * words}])
     assert time.monotonic() - started < 30
     assert whole.usage.prompt_tokens == prompt and 505 > prompt > 480
-    if whole.choices[0].finish_reason == "length":
-        assert whole.usage.total_tokens == 512
-    else:
-        assert whole.choices[0].finish_reason == "stop" and whole.usage.total_tokens < 512
+    assert whole.choices[0].finish_reason in ("length", "stop") and whole.usage.total_tokens <= 512
+    if whole.choices[0].finish_reason == "length":  # llama.cpp may stop a few short of the end, holding back a split character
+        assert whole.usage.total_tokens >= 508
 
 
 def test_saas_passes_on_its_providers_usage(client, served):
