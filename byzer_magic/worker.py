@@ -90,9 +90,9 @@ class Worker:
                     yield held
                     held, pieces, first = None, 0, False
             if usage is None:
-                usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-                held = _merge(held, Delta("", None, usage))
-            tally.tokens = usage.get("completion_tokens", 0)  # the count the endpoint and -o report, not pieces
+                held = _merge(held, Delta("", None, {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}))
+            else:
+                tally.tokens = usage.get("completion_tokens", tally.tokens)  # the count the endpoint and -o report
             if held is not None:
                 yield held
 

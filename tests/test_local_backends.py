@@ -240,6 +240,26 @@ def test_vllm_honours_ignore_eos_and_the_endpoint_takes_it(vllm_chat):
     assert whole.usage["completion_tokens"] == 40 and whole.finish_reason == "length"
 
 
+def test_vllm_counts_the_engines_tokens_and_fits_answers_in_its_context(vllm_chat, tiny_model):
+    """max_model_len=1024: usage is what the engine read and wrote; no max_tokens ends at the context's end."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model.hf_dir)
+
+    def engine_tokens(messages) -> int:  # the engine tokenizes the templated text itself
+        return len(tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)))
+
+    whole = chat.chat(vllm_chat, PROMPT, GREEDY)
+    prompt = engine_tokens(PROMPT)
+    assert whole.usage == {"prompt_tokens": prompt, "completion_tokens": 16, "total_tokens": prompt + 16}
+    near = [{"role": "user", "content": "hello " * 1000}]
+    answer = chat.chat(vllm_chat, near, GenParams(temperature=0, ignore_eos=True))
+    assert answer.usage["prompt_tokens"] == engine_tokens(near) and answer.usage["total_tokens"] == 1024
+    assert answer.finish_reason == "length"
+    with pytest.raises(FieldError, match=r"^the prompt is \d+ tokens, and 'vllm_chat' holds 1024 tokens in its context"):
+        chat.chat(vllm_chat, [{"role": "user", "content": "hello " * 1100}], GenParams(max_tokens=2))
+
+
 def test_a_vllm_engine_that_cannot_start_says_why_and_leaves_nothing(ray_head, tiny_model):
     """The cause lives in the engine process's log; the deploy must show it, not "See root cause above"."""
     spec = local("vllm", tiny_model.hf_dir, "vllm_no_room",
