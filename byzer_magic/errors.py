@@ -20,6 +20,19 @@ class SpecError(ByzerError):
     """The deploy spec is wrong: a flag, a value or an infer_params key."""
 
 
+class FieldError(SpecError):
+    """One request field a deployment cannot honour as given; the endpoint answers 400 naming `param`."""
+
+    def __init__(self, param: str, message: str, code: str | None = None):
+        super().__init__(param, message, code)
+        self.param = param
+        self.message = message
+        self.code = code
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class DeployError(ByzerError):
     """The spec was fine but the cluster could not run it; nothing was left behind."""
 

@@ -41,10 +41,13 @@ class _ServeDeployments:
 
     async def models(self) -> list[dict[str, Any]]:
         from .deploy import table_of
+        from .metrics import read_context
         from .raydoor import serve_details_async
 
         details = await serve_details_async()
-        return [{**row.details, "name": row.name} for row in table_of(details).rows]
+        rows = table_of(details).rows
+        lengths = await asyncio.to_thread(lambda: [read_context(row.name) for row in rows])
+        return [{**row.details, "name": row.name, "max_model_len": n} for row, n in zip(rows, lengths)]
 
     def stream(self, name: str, request: Messages | str, gen: GenParams) -> AsyncIterator[Delta]:
         from .chat import astream

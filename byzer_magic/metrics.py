@@ -111,6 +111,21 @@ def read(app: str, replicas: Iterable[str]) -> list[dict[str, Any]]:
     return found
 
 
+def _context_key(app: str) -> str:
+    return f"context/{app}"
+
+
+def publish_context(app: str, tokens: int | None) -> None:
+    """A deployment's context length, as its workers know it once started (for /v1/models' max_model_len)."""
+    raydoor.kv_put(_context_key(app), json.dumps({"context_length": tokens}))
+
+
+def read_context(app: str) -> int | None:
+    """The context length a deployment's workers published; None before one started, or where unknown (SaaS)."""
+    raw = raydoor.kv_get(_context_key(app))
+    return json.loads(raw).get("context_length") if raw else None
+
+
 def _caller_key(app: str, caller: str) -> str:
     return f"callers/{app}/{caller}"
 

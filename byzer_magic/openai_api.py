@@ -17,7 +17,7 @@ import json
 import os
 import time
 import uuid
-from typing import Any, AsyncIterator, Awaitable, Callable, Literal, Protocol, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, ClassVar, Literal, Protocol, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from .backends.base import Delta, Embeddings, GenParams, Messages
-from .errors import BackendError, ByzerError, NotDeployedError, WrongTaskError
+from .errors import BackendError, ByzerError, FieldError, NotDeployedError, WrongTaskError
 from .options import Sampling
 
 
@@ -78,16 +78,55 @@ class StreamOptions(_Lenient):
 
 
 class _Generation(Sampling, _Lenient):
+    """The fields both text routes take; request_fields decides, per backend, those beyond sampling."""
+
     model: str = Field(min_length=1, max_length=64, description="a deployment's name, as %byzer_list shows it")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    n: int = Field(default=1, ge=1, le=1, description="only one choice per request")
     ignore_eos: bool = Field(default=False, description="vLLM's extension: generate max_tokens regardless of EOS")
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) to a bias from -100 to 100")
+    n: int | None = Field(None, ge=1, description="choices to generate; every deployment gives one")
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = Field(None, ge=0)
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
 
     def gen(self) -> GenParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return GenParams(self.temperature, self._max_tokens(), self.top_p, self.seed, tuple(stop), self.ignore_eos)
+        return GenParams(self.temperature, self._max_tokens(), self.top_p, self.seed, tuple(stop), self.ignore_eos,
+                         presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                         logit_bias=self._logit_bias(), provider_fields=self._provider_fields(), **self._chat_fields())
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        """OpenAI's {"token id": bias}, with ids as numbers; anything else is a 400 naming logit_bias."""
+        if not self.logit_bias:
+            return None
+        try:
+            bias = {int(token): float(value) for token, value in self.logit_bias.items()}
+        except ValueError:
+            raise ApiError(400, "logit_bias: keys are token ids (whole numbers as strings)",
+                           "invalid_request_error", "logit_bias") from None
+        if any(not -100 <= value <= 100 for value in bias.values()):
+            raise ApiError(400, "logit_bias: biases are from -100 to 100", "invalid_request_error", "logit_bias")
+        return bias
+
+    def _provider_fields(self) -> dict[str, Any]:
+        """The fields sent beyond sampling, as sent, for request_fields to honour, forward or refuse."""
+        return {name: getattr(self, name) for name in self._OTHER if name in self.model_fields_set}
+
+    _OTHER: ClassVar[tuple[str, ...]] = (
+        "n", "logprobs", "top_logprobs", "user", "metadata", "store", "service_tier", "best_of", "echo", "suffix",
+        "prediction", "reasoning_effort", "modalities", "audio", "web_search_options", "functions", "function_call",
+    )
+
+    def _chat_fields(self) -> dict[str, Any]:
+        """GenParams fields only chat requests carry (tools, response_format)."""
+        return {}
 
     def _max_tokens(self) -> int | None:
         return self.max_tokens
@@ -100,18 +139,49 @@ class ChatRequest(_Generation):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Sampling.model_fields["max_tokens"]
 
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
     def _max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def _chat_fields(self) -> dict[str, Any]:
+        return {"response_format": self.response_format, "tools": self.tools, "tool_choice": self.tool_choice,
+                "parallel_tool_calls": self.parallel_tool_calls}
 
 
 class CompletionRequest(_Generation):
     prompt: str | list[str] = Field(description="one prompt; a list must hold exactly one")
+    best_of: int | None = Field(None, ge=1)
+    echo: bool | None = None
+    suffix: str | None = None
 
 
 class EmbeddingRequest(_Lenient):
     model: str = Field(min_length=1, max_length=64)
     input: str | list[str] = Field(description="a text, or a list of at most 2048 texts")
     encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = None
+    dimensions: int | None = Field(None, ge=1)
+    tools: Any = None
+
+    def refusal(self) -> ApiError | None:
+        """Fields an embedding deployment cannot honour: a shortened vector, tools (clients that send chat fields)."""
+        if self.dimensions is not None:
+            return ApiError(400, f"dimensions: {self.model!r} returns its model's whole vectors; leave dimensions out",
+                            "invalid_request_error", "dimensions")
+        if self.tools is not None:
+            return ApiError(400, f"tools: embeddings take no tools; leave tools out", "invalid_request_error", "tools")
+        return None
 
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else self.input
@@ -161,6 +231,8 @@ def _api_error(exc: BaseException) -> ApiError:
         return exc
     if isinstance(exc, NotDeployedError):
         return ApiError(404, str(exc), "invalid_request_error", "model", "model_not_found")
+    if isinstance(exc, FieldError):
+        return ApiError(400, str(exc), "invalid_request_error", exc.param, exc.code)
     if isinstance(exc, WrongTaskError):
         return ApiError(400, str(exc), "invalid_request_error", "model", "wrong_model_task")
     if isinstance(exc, BackendError):
@@ -178,14 +250,14 @@ _CHAT_FINISH = {"stop", "length", "tool_calls", "content_filter", "function_call
 _TEXT_FINISH = {"stop", "length", "content_filter"}
 
 
-def _usage(deltas: list[Delta]) -> CompletionUsage | None:
+def _usage(deltas: list[Delta]) -> CompletionUsage:
+    """The backend's token counts; zeros where it reported none (a provider that does not), as clients read it blindly."""
     merged: dict[str, int] = {}
     for delta in deltas:
         merged.update(delta.usage or {})
-    if "prompt_tokens" not in merged or "completion_tokens" not in merged:
-        return None
-    total = merged.get("total_tokens", merged["prompt_tokens"] + merged["completion_tokens"])
-    return CompletionUsage(prompt_tokens=merged["prompt_tokens"], completion_tokens=merged["completion_tokens"], total_tokens=total)
+    prompt, completion = merged.get("prompt_tokens", 0), merged.get("completion_tokens", 0)
+    total = merged.get("total_tokens", prompt + completion)
+    return CompletionUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total)
 
 
 def _finish(deltas: list[Delta], allowed: set[str]) -> str:
@@ -252,7 +324,7 @@ class _Metrics:
             self.errors.labels(label, route, error.kind).inc()
         self.latency.labels(label, route).observe(time.perf_counter() - started)
         usage = _usage(deltas)
-        if usage is not None:
+        if deltas:
             self.tokens.labels(label, "prompt").inc(usage.prompt_tokens)
             self.tokens.labels(label, "completion").inc(usage.completion_tokens)
 
@@ -424,14 +496,21 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None, allowe
         return Response(generate_latest(metrics.exposed), media_type=CONTENT_TYPE_LATEST)
 
     def card(info: dict[str, Any]) -> Model:
+        """OpenAI's model object, with what clients ask of a deployment before they use it (vLLM's max_model_len)."""
+        can = info.get("capabilities") or {}
+        task = info.get("task", "chat")
+        capabilities = {"chat": task == "chat", "completions": task == "chat", "embeddings": task == "embed",
+                        "tools": bool(can.get("tools")), "structured_output": bool(can.get("structured_output"))}
         return Model(
             id=info["name"], object="model", created=int(info.get("deployed_at") or 0), owned_by="byzer_magic",
-            backend=info.get("backend"), served_model=info.get("model"),
+            backend=info.get("backend"), served_model=info.get("model"), max_model_len=info.get("max_model_len"),
+            capabilities=capabilities,
         )
 
     @app.get("/v1/models", responses=_AUTH_ERRORS)
     async def list_models() -> dict[str, Any]:
-        cards = [card(info).model_dump(exclude_none=True) for info in await deployments.models()]
+        cards = [{**card(info).model_dump(exclude_none=True), "max_model_len": info.get("max_model_len")}
+                 for info in await deployments.models()]
         return {"object": "list", "data": cards}
 
     @app.get("/v1/models/{model}", responses=_MODEL_ERRORS)
@@ -494,9 +573,8 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None, allowe
                 if delta.text or delta.finish_reason:
                     yield _event(chunk(delta, seen))
                 delta = await anext(stream, None)
-            usage = _usage(seen)
-            if body.wants_usage() and usage is not None:
-                yield _event(chunk(None, seen, usage=usage))
+            if body.wants_usage():
+                yield _event(chunk(None, seen, usage=_usage(seen)))
             yield _event("[DONE]")
         except Exception as exc:
             error = _api_error(exc)
@@ -559,6 +637,8 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None, allowe
         texts = body.texts()
         if not 1 <= len(texts) <= 2048:
             return ApiError(400, "input: send 1 to 2048 texts", "invalid_request_error", "input").response()
+        if (refused := body.refusal()) is not None:
+            return refused.response()
         try:
             found = await deployments.embed(body.model, texts)
         except Exception as exc:
@@ -568,7 +648,8 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None, allowe
             for i, vector in enumerate(found.vectors)
         ]
         usage = EmbeddingUsage(prompt_tokens=found.prompt_tokens, total_tokens=found.prompt_tokens)
-        metrics.observe(body.model, "embeddings", 200, started, [], None)
+        counted = [Delta("", None, {"prompt_tokens": found.prompt_tokens, "completion_tokens": 0})]
+        metrics.observe(body.model, "embeddings", 200, started, counted, None)
         return _json(CreateEmbeddingResponse.model_construct(object="list", model=body.model, data=data, usage=usage))
 
     if allowed_hosts is not None:

@@ -11,6 +11,8 @@ Every message masks secrets.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import difflib
 import os
 import re
@@ -108,6 +110,7 @@ class DeploySpec:
             "cpus_per_worker": self.cpus_per_worker,
             "gpus_per_worker": self.gpus_per_worker,
             "infer_params": self.public_params(),
+            "capabilities": dataclasses.asdict(self.backend_class.capabilities),
         }
 
     def __repr__(self) -> str:

@@ -13,8 +13,9 @@ from typing import Any, AsyncIterator
 
 from . import metrics
 from .backends.base import Backend, Delta, Embeddings, GenParams, Messages
-from .errors import SpecError
+from .errors import FieldError
 from .metrics import RequestLog
+from .request_fields import bad_token, refusal
 from .spec import DeploySpec
 
 WORKER_NAME = "ByzerWorker"
@@ -74,6 +75,10 @@ class Worker:
         context = serve.get_replica_context()
         self._where = (context.app_name, context.replica_id.unique_id)
         self._init_span = (started, time.time())
+        try:
+            metrics.publish_context(context.app_name, self._backend.context_length())
+        except Exception as exc:  # noqa: BLE001 - /v1/models then shows no context length; chats are unaffected
+            logging.getLogger("ray.serve").warning("byzer_magic: could not publish the context length: %s", exc)
 
     @staticmethod
     def _build_backend(spec: DeploySpec) -> Backend:
@@ -87,10 +92,12 @@ class Worker:
         /v1/completions). Text goes out as it comes while the worker is not
         busy, in fewer, larger messages when it is (STREAMS_PER_TOKEN); the
         text-less tail (finish reason, usage) is folded into the last message.
+        Every finished answer carries usage, zeros where the backend counted
+        none (a provider that reports none), so every front end shows the same.
         """
-        self._within_context(gen)
+        gen = self._admit(gen)
         held: Delta | None = None
-        pieces, first = 0, True
+        pieces, first, usage = 0, True, None
         with self._log.request() as tally:
             if isinstance(messages, str):
                 answer = self._backend.generate(messages, gen)
@@ -100,20 +107,41 @@ class Worker:
                 if delta.text:
                     tally.tokens += len(delta.token_ids) or 1
                     pieces += 1
+                usage = {**(usage or {}), **delta.usage} if delta.usage else usage
                 held = _merge(held, delta)
                 if held.text and (first or pieces >= self._log.in_flight // STREAMS_PER_TOKEN):
                     yield held
                     held, pieces, first = None, 0, False
+            if usage is None:
+                held = _merge(held, Delta("", None, {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}))
+            else:
+                tally.tokens = usage.get("completion_tokens", tally.tokens)  # the count the endpoint and -o report
             if held is not None:
-                tally.tokens = (held.usage or {}).get("completion_tokens", tally.tokens)
                 yield held
+
+    def _admit(self, gen: GenParams) -> GenParams:
+        """Refuse, before the backend sees it, what it cannot honour; then apply the deployment's defaults.
+
+        Fields the backend does not declare (request_fields), a logit_bias on
+        a token the model lacks and a max_tokens past the context are each a
+        FieldError/SpecError (a 400 at the endpoint), and nothing ran.
+        """
+        backend = self._backend
+        who = f"{self._where[0]!r} ({backend.name})"
+        problem = refusal(gen, backend.capabilities, who, backend.context.task)
+        problem = problem or bad_token(gen, backend.vocab_size(), who)
+        if problem is not None:
+            raise problem
+        gen = gen.over(backend.settings)
+        self._within_context(gen)
+        return gen
 
     def _within_context(self, gen: GenParams) -> None:
         """A max_tokens the model's context cannot hold is refused at once (a 400 at the endpoint)."""
         limit = self._backend.context_length()
         if limit and gen.max_tokens and gen.max_tokens > limit:
-            raise SpecError(f"max_tokens {gen.max_tokens} is more than {self._where[0]!r} can hold: its context is "
-                            f"{limit} tokens, prompt included; ask for fewer")
+            raise FieldError("max_tokens", f"max_tokens {gen.max_tokens} is more than {self._where[0]!r} can hold: "
+                                           f"its context is {limit} tokens, prompt included; ask for fewer")
 
     async def complete(self, messages: Messages | str, gen: GenParams) -> list[Delta]:
         """The whole answer in one reply, for callers that do not stream."""

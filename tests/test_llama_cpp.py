@@ -1,6 +1,9 @@
 """The llama_cpp backend on a real Ray cluster, against llama_cpp.Llama itself."""
 from __future__ import annotations
 
+import re
+import time
+
 import pytest
 
 from byzer_magic import chat, deploy
@@ -98,7 +101,7 @@ def test_cancelled_and_resent_100_times_never_two_threads_in_the_model(ray_head,
         deploy.undeploy("llama_cancel")
 
 
-def test_a_max_tokens_over_the_context_is_refused_at_once(ray_head, tiny_model):
+def test_a_max_tokens_or_a_prompt_over_the_context_is_refused_at_once(ray_head, tiny_model, shell, capfd):
     from byzer_magic.errors import SpecError
 
     deploy.deploy(llama_spec(tiny_model.gguf, "llama_ctx"))
@@ -106,5 +109,21 @@ def test_a_max_tokens_over_the_context_is_refused_at_once(ray_head, tiny_model):
         with pytest.raises(SpecError, match="max_tokens 100000 is more than 'llama_ctx' can hold: its context is 512"):
             chat.chat("llama_ctx", PROMPT, GenParams(max_tokens=100_000))
         assert chat.chat("llama_ctx", PROMPT, GenParams(temperature=0, max_tokens=4)).text
+        # In a cell: one sentence with both numbers, no traceback, at once.
+        capfd.readouterr()
+        started = time.monotonic()
+        shell.run_cell("%byzer_chat llama_ctx " + "ray " * 600)
+        out, err = capfd.readouterr()
+        assert time.monotonic() - started < 10
+        assert re.search(r"the prompt is \d+ tokens, and 'llama_ctx' holds 512 tokens in its context, answer "
+                         r"included; shorten the prompt", out + err) and "Traceback" not in out + err
+        # -o keeps the same counts the endpoint reports: llama.cpp's own, prompt and answer.
+        shell.run_cell("%byzer_chat llama_ctx -o kept --temperature 0 --max_tokens 5 What is Ray?")
+        capfd.readouterr()
+        from llama_cpp import Llama
+
+        own = Llama(str(tiny_model.gguf), n_ctx=512, verbose=False).create_chat_completion(
+            [{"role": "user", "content": "What is Ray?"}], temperature=0, max_tokens=5)["usage"]
+        assert shell.user_ns["kept"].usage == own
     finally:
         deploy.undeploy("llama_ctx")

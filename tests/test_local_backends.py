@@ -16,7 +16,7 @@ import pytest
 
 from byzer_magic import chat, deploy
 from byzer_magic.backends.base import GenParams
-from byzer_magic.errors import DeployError, WrongTaskError
+from byzer_magic.errors import DeployError, FieldError, WrongTaskError
 from byzer_magic.spec import parse_spec
 
 from .conftest import alive_replicas, wait_until
@@ -116,6 +116,53 @@ def test_transformers_streams_the_ids_transformers_generates(hf_chat, reference)
     assert whole.usage["completion_tokens"] == 16 and whole.usage["prompt_tokens"] > 0
 
 
+def chat_prompt_tokens(tiny_model, messages) -> int:
+    """What the model's own tokenizer makes of a chat, template included."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model.hf_dir)
+    return len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+
+
+def test_transformers_usage_is_its_tokenizers_count(hf_chat, tiny_model):
+    prompt = chat_prompt_tokens(tiny_model, PROMPT)
+    for answer in (chat.chat(hf_chat, PROMPT, GREEDY), chat.ChatResult.of(list(chat.stream(hf_chat, PROMPT, GREEDY)))):
+        assert answer.usage == {"prompt_tokens": prompt, "completion_tokens": 16, "total_tokens": prompt + 16}
+
+
+def test_transformers_without_max_tokens_answers_to_the_end_of_its_context(hf_chat, tiny_model):
+    """2048 tokens of context (max_position_embeddings): a prompt that leaves about 12 ends there, at once."""
+    words = 1900 + 2048 - 12 - chat_prompt_tokens(tiny_model, [{"role": "user", "content": "hello " * 1900}])
+    asked = [{"role": "user", "content": "hello " * words}]
+    prompt = chat_prompt_tokens(tiny_model, asked)
+    started = time.monotonic()
+    answer = chat.chat(hf_chat, asked, GenParams(temperature=0))
+    assert time.monotonic() - started < 60
+    assert answer.usage["prompt_tokens"] == prompt and 2048 - prompt < 30
+    if answer.finish_reason == "length":
+        assert answer.usage["total_tokens"] == 2048
+    else:
+        assert answer.finish_reason == "stop" and answer.usage["total_tokens"] < 2048
+    over = [{"role": "user", "content": "hello " * (words + 1000)}]
+    with pytest.raises(FieldError) as caught:
+        chat.chat(hf_chat, over, GenParams(max_tokens=2))
+    assert str(caught.value) == (f"the prompt is {chat_prompt_tokens(tiny_model, over)} tokens, and 'hf_chat' holds "
+                                 f"2048 tokens in its context, answer included; shorten the prompt")
+    assert caught.value.param == "messages" and caught.value.code == "context_length_exceeded"
+
+
+def test_transformers_refuses_what_it_cannot_honour_and_honours_logit_bias(hf_chat, embedder):
+    with pytest.raises(FieldError, match=r"^presence_penalty: 'hf_chat' \(transformers\) does not take"):
+        chat.chat(hf_chat, PROMPT, GenParams(presence_penalty=0.5, max_tokens=2))
+    with pytest.raises(FieldError, match=r"^logit_bias: token 512 is not in 'hf_chat' \(transformers\)'s vocabulary"):
+        chat.chat(hf_chat, PROMPT, GenParams(logit_bias={512: 1.0}, max_tokens=2))
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    with pytest.raises(FieldError, match=r"^tools: 'tiny_emb' \(transformers\) is an embedding model"):
+        chat.chat(embedder, PROMPT, GenParams(tools=[tool]))
+    biased = list(chat.stream(hf_chat, PROMPT, GenParams(temperature=0, max_tokens=4, logit_bias={77: 100.0})))
+    assert ids_of(biased) == [77] * 4
+
+
 def test_transformers_raw_prompts_skip_the_chat_template(hf_chat):
     raw = worker_call(hf_chat, "complete", "hello there", GREEDY)
     templated = worker_call(hf_chat, "complete", PROMPT, GREEDY)
@@ -193,6 +240,26 @@ def test_vllm_honours_ignore_eos_and_the_endpoint_takes_it(vllm_chat):
     assert whole.usage["completion_tokens"] == 40 and whole.finish_reason == "length"
 
 
+def test_vllm_counts_the_engines_tokens_and_fits_answers_in_its_context(vllm_chat, tiny_model):
+    """max_model_len=1024: usage is what the engine read and wrote; no max_tokens ends at the context's end."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model.hf_dir)
+
+    def engine_tokens(messages) -> int:  # the engine tokenizes the templated text itself
+        return len(tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)))
+
+    whole = chat.chat(vllm_chat, PROMPT, GREEDY)
+    prompt = engine_tokens(PROMPT)
+    assert whole.usage == {"prompt_tokens": prompt, "completion_tokens": 16, "total_tokens": prompt + 16}
+    near = [{"role": "user", "content": "hello " * 1000}]
+    answer = chat.chat(vllm_chat, near, GenParams(temperature=0, ignore_eos=True))
+    assert answer.usage["prompt_tokens"] == engine_tokens(near) and answer.usage["total_tokens"] == 1024
+    assert answer.finish_reason == "length"
+    with pytest.raises(FieldError, match=r"^the prompt is \d+ tokens, and 'vllm_chat' holds 1024 tokens in its context"):
+        chat.chat(vllm_chat, [{"role": "user", "content": "hello " * 1100}], GenParams(max_tokens=2))
+
+
 def test_a_vllm_engine_that_cannot_start_says_why_and_leaves_nothing(ray_head, tiny_model):
     """The cause lives in the engine process's log; the deploy must show it, not "See root cause above"."""
     spec = local("vllm", tiny_model.hf_dir, "vllm_no_room",
@@ -234,6 +301,13 @@ def _direct_embeddings(path, texts: list[str]) -> np.ndarray:
     return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
 
 
+def _encoder_tokens(path, texts: list[str]) -> int:
+    """The tokens the encoder's own tokenizer makes of the texts, which usage reports."""
+    from transformers import AutoTokenizer
+
+    return sum(len(ids) for ids in AutoTokenizer.from_pretrained(path)(texts)["input_ids"])
+
+
 TEXTS = ["ray serve deploys a model", "hello", "the notebook cell runs a magic on the cluster"]
 
 
@@ -263,7 +337,7 @@ def test_byzer_embed_magic_returns_arrays(embedder, tiny_encoder, ipython):
     np.testing.assert_allclose(ipython.user_ns["asked"], _direct_embeddings(tiny_encoder, ["What is Ray?"])[0], atol=1e-5)
 
 
-def test_openai_client_embeds_through_the_endpoint(embedder, hf_chat, tiny_encoder):
+def test_openai_client_embeds_through_the_endpoint(embedder, hf_chat, tiny_encoder, tiny_model):
     import openai
 
     from byzer_magic import gateway
@@ -280,11 +354,20 @@ def test_openai_client_embeds_through_the_endpoint(embedder, hf_chat, tiny_encod
         for answer in (as_base64, as_floats):
             assert [d.index for d in answer.data] == [0, 1, 2]
             np.testing.assert_allclose([d.embedding for d in answer.data], expected, atol=1e-5)
-            assert answer.usage.prompt_tokens > 0
+            assert answer.usage.prompt_tokens == answer.usage.total_tokens == _encoder_tokens(tiny_encoder, TEXTS)
         with pytest.raises(openai.BadRequestError, match="does not embed"):
             client.embeddings.create(model=hf_chat, input="hi")
         with pytest.raises(openai.BadRequestError, match="does not chat"):
             client.chat.completions.create(model=embedder, messages=PROMPT)
+        tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+        with pytest.raises(openai.BadRequestError, match="is an embedding model") as caught:
+            client.chat.completions.create(model=embedder, messages=PROMPT, tools=[tool])
+        assert caught.value.param == "tools"
+        with pytest.raises(openai.BadRequestError, match="embeddings take no tools"):
+            client.embeddings.create(model=embedder, input="hi", extra_body={"tools": [tool]})
+        usage = client.chat.completions.create(model=hf_chat, messages=PROMPT, temperature=0, max_tokens=16).usage
+        prompt = chat_prompt_tokens(tiny_model, PROMPT)
+        assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (prompt, 16, prompt + 16)
     finally:
         gateway.stop()
 

@@ -6,7 +6,9 @@ llama_cpp deployment of the tiny GGUF, on the test session's Ray cluster.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
+import time
 import sys
 import urllib.error
 import urllib.request
@@ -18,6 +20,7 @@ from byzer_magic import chat, deploy, gateway, raydoor
 from byzer_magic.backends.base import GenParams
 from byzer_magic.endpoint_key import endpoint_key
 from byzer_magic.errors import DeployError
+from byzer_magic.spec import parse_spec
 
 from .conftest import ROOT, alive_replicas, free_port
 from .test_deploy_saas import saas_spec
@@ -40,6 +43,14 @@ def served(ray_head, openai_server, tiny_model):
     for name in ("ep_saas", "ep_llama"):
         deploy.undeploy(name)
     assert alive_replicas(gateway.GATEWAY_APP) == []
+
+
+@pytest.fixture(scope="module")
+def direct_llama(tiny_model):
+    """The tiny GGUF in this process, as ep_llama loads it: the reference for token counts."""
+    from llama_cpp import Llama
+
+    return Llama(str(tiny_model.gguf), n_ctx=512, verbose=False)
 
 
 @pytest.fixture
@@ -71,10 +82,15 @@ def test_models_lists_every_deployment_with_its_backend(client):
     assert cards["ep_llama"].owned_by == "byzer_magic" and cards["ep_llama"].created > 0
     assert client.models.retrieve("ep_saas").id == "ep_saas"
     assert gateway.GATEWAY_APP not in cards
+    # What clients ask before they send: the context (as llama.cpp sized it) and what the deployment takes.
+    assert cards["ep_llama"].max_model_len == 512 and cards["ep_saas"].max_model_len is None
+    for card in (cards["ep_llama"], cards["ep_saas"]):
+        assert card.capabilities["chat"] and not card.capabilities["embeddings"]
+        assert {"tools", "structured_output"} <= set(card.capabilities)
 
 
 @pytest.mark.parametrize("name", ["ep_saas", "ep_llama"])
-def test_chat_whole_and_streamed_match_the_handle(client, name):
+def test_chat_whole_and_streamed_match_the_handle(client, name, direct_llama):
     direct = chat.chat(name, HELLO, GenParams(temperature=0, max_tokens=12))
     expected = direct.text
     whole = client.chat.completions.create(model=name, messages=HELLO, temperature=0, max_tokens=12)
@@ -85,9 +101,18 @@ def test_chat_whole_and_streamed_match_the_handle(client, name):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == expected and sum(bool(c.choices and c.choices[0].delta.content) for c in chunks) > 1
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
-    # Usage is passed on only when the backend counts it; neither llama.cpp's server
-    # (no usage in its streams) nor the llama_cpp backend does, and none is made up.
-    assert direct.usage == {} and whole.usage is None and all(c.usage is None for c in chunks)
+    # include_usage: one last chunk with no choices and the usage; every other chunk has none.
+    assert chunks[-1].choices == [] and all(c.usage is None for c in chunks[:-1])
+    counts = (whole.usage.prompt_tokens, whole.usage.completion_tokens, whole.usage.total_tokens)
+    assert counts == (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens, chunks[-1].usage.total_tokens)
+    assert counts == (direct.usage["prompt_tokens"], direct.usage["completion_tokens"], direct.usage["total_tokens"])
+    if name == "ep_llama":
+        # llama.cpp's own count of the same chat, outside Ray: its tokenizer, its chat template.
+        own = direct_llama.create_chat_completion(HELLO, temperature=0, max_tokens=12)["usage"]
+        assert counts == (own["prompt_tokens"], own["completion_tokens"], own["total_tokens"]) and own["prompt_tokens"] > 5
+    else:
+        # llama.cpp's server reports no usage in its streams: zeros, present, as the README says.
+        assert counts == (0, 0, 0)
 
 
 def test_completions_continue_a_raw_prompt_not_a_chat(client):
@@ -132,12 +157,95 @@ def test_unknown_model_is_404_naming_what_is_deployed(client):
     ({"model": "ep_saas"}, "messages"),
     ({"model": "ep_saas", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
     ({"model": "ep_saas", "messages": HELLO, "n": 3}, "n"),
+    ({"model": "ep_llama", "messages": HELLO, "n": 3}, "n"),
+    ({"model": "ep_llama", "messages": HELLO, "max_tokens": 0}, "max_tokens"),
+    ({"model": "ep_llama", "messages": HELLO, "max_completion_tokens": -1}, "max_completion_tokens"),
+    ({"model": "ep_llama", "messages": HELLO, "logprobs": True}, "logprobs"),
+    ({"model": "ep_llama", "messages": HELLO, "audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ({"model": "ep_llama", "messages": HELLO, "reasoning_effort": "high"}, "reasoning_effort"),
+    ({"model": "ep_llama", "messages": HELLO, "logit_bias": {"99999": 5}}, "logit_bias"),
+    ({"model": "ep_llama", "messages": HELLO, "logit_bias": {"ray": 5}}, "logit_bias"),
+    ({"model": "ep_saas", "messages": HELLO, "web_search_options": {}}, "web_search_options"),
     ({"messages": HELLO}, "model"),
 ])
 def test_bad_requests_are_400_naming_the_field(served, body, param):
     status, answer = http(f"{served.url}/chat/completions", body, KEY)
     assert status == 400
     assert answer["error"]["param"] == param and answer["error"]["message"].startswith(param)
+
+
+def test_refusals_name_the_backend_and_reach_no_backend(client):
+    async def served() -> int:
+        return (await chat._handle("ep_llama").stats.remote())["served"]
+
+    served_before = chat.run_on_client_loop(served())
+    for fields, param in (({"n": 3}, "n"), ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
+                          ({"logit_bias": {"512": 1}}, "logit_bias")):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model="ep_llama", messages=HELLO, **fields)
+        message = caught.value.body["message"]
+        assert caught.value.param == param and message.startswith(f"{param}: ") and "'ep_llama' (llama_cpp)" in message
+    assert message == "logit_bias: token 512 is not in 'ep_llama' (llama_cpp)'s vocabulary (token ids 0 to 511)"
+    assert chat.run_on_client_loop(served()) == served_before
+
+
+def test_logit_bias_is_honoured_as_llama_cpp_honours_it(client, direct_llama):
+    token = direct_llama.tokenize(b"ray", add_bos=False)[0]
+    plain = direct_llama.create_chat_completion(HELLO, temperature=0, max_tokens=4)["choices"][0]["message"]["content"]
+    biased = direct_llama.create_chat_completion(HELLO, temperature=0, max_tokens=4, logit_bias={token: 100})
+    expected = biased["choices"][0]["message"]["content"]
+    assert expected != plain
+    whole = client.chat.completions.create(model="ep_llama", messages=HELLO, temperature=0, max_tokens=4,
+                                           logit_bias={str(token): 100})
+    assert whole.choices[0].message.content == expected
+
+
+def test_a_prompt_over_the_context_is_a_400_at_once_with_both_numbers(client, direct_llama):
+    long = [{"role": "user", "content": "ray " * 600}]
+    with pytest.raises(ValueError, match=r"Requested tokens \((\d+)\)") as own:
+        direct_llama.create_chat_completion(long, max_tokens=1)
+    tokens = re.search(r"\((\d+)\)", str(own.value))[1]
+    for stream in (False, True):
+        started = time.monotonic()
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model="ep_llama", messages=long, stream=stream)
+        assert time.monotonic() - started < 10
+        assert caught.value.code == "context_length_exceeded" and caught.value.param == "messages"
+        assert caught.value.body["message"] == (f"the prompt is {tokens} tokens, and 'ep_llama' holds 512 tokens in its "
+                                        f"context, answer included; shorten the prompt")
+
+
+def test_max_tokens_left_out_is_what_the_context_has_left(client, direct_llama):
+    def prompt_tokens(words: int) -> int:
+        asked = [{"role": "user", "content": "ray " * words}]
+        return direct_llama.create_chat_completion(asked, max_tokens=1)["usage"]["prompt_tokens"]
+
+    words = 400 + (512 - 20 - prompt_tokens(400))  # about 20 tokens of the context left
+    prompt = prompt_tokens(words)
+    started = time.monotonic()
+    whole = client.chat.completions.create(model="ep_llama", messages=[{"role": "user", "content": "ray " * words}])
+    assert time.monotonic() - started < 30
+    assert whole.usage.prompt_tokens == prompt and 505 > prompt > 480
+    assert whole.choices[0].finish_reason in ("length", "stop") and whole.usage.total_tokens <= 512
+    if whole.choices[0].finish_reason == "length":  # llama.cpp may stop a few short of the end, holding back a split character
+        assert whole.usage.total_tokens >= 508
+
+
+def test_saas_passes_on_its_providers_usage(client, served):
+    """A SaaS deployment whose provider is this endpoint (ep_llama behind it): one that does report usage."""
+    spec = parse_spec(f"--pretrained_model_type saas/openai --infer_params saas.api_key={KEY} saas.model=ep_llama "
+                      f"saas.base_url={served.url} --num_workers 1 --cpus_per_worker 0.001 --model ep_relay")
+    deploy.deploy(spec)
+    try:
+        asked = dict(messages=HELLO, temperature=0, max_tokens=6)
+        own = client.chat.completions.create(model="ep_llama", **asked).usage
+        relayed = client.chat.completions.create(model="ep_relay", user="tester", **asked).usage
+        assert (relayed.prompt_tokens, relayed.completion_tokens) == (own.prompt_tokens, own.completion_tokens)
+        assert own.prompt_tokens > 5 and own.completion_tokens >= 6
+        with pytest.raises(openai.BadRequestError, match=r"n: 'ep_relay' \(saas\) gives one choice"):
+            client.chat.completions.create(model="ep_relay", n=2, **asked)
+    finally:
+        deploy.undeploy("ep_relay")
 
 
 def test_not_json_and_unknown_routes_answer_in_the_openai_format(served):
@@ -194,6 +302,15 @@ def test_metrics_count_requests_errors_and_latency_per_deployment(client, served
     assert 'byzer_requests_total{model="ep_saas",route="chat",status="200"}' in text
     assert 'byzer_request_errors_total{model="-",route="chat",type="invalid_request_error"}' in text
     assert 'byzer_request_seconds_bucket{le="0.005",model="ep_saas",route="chat"}' in text
+
+    def completion_tokens() -> float:
+        text = urllib.request.urlopen(request, timeout=10).read().decode()
+        found = re.search(r'^byzer_tokens_total\{kind="completion",model="ep_llama"\} (\S+)$', text, re.M)
+        return float(found[1]) if found else 0.0
+
+    before = completion_tokens()
+    usage = client.chat.completions.create(model="ep_llama", messages=HELLO, max_tokens=5).usage
+    assert usage.completion_tokens >= 5 and completion_tokens() - before == usage.completion_tokens
 
 
 def test_a_taken_port_is_a_readable_error_and_leaves_nothing(served):

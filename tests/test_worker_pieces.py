@@ -13,15 +13,19 @@ from typing import AsyncIterator
 import pytest
 
 from byzer_magic.backends import vllm as vllm_backend
-from byzer_magic.backends.base import Context, Delta, GenParams
+from byzer_magic.backends.base import Backend, BackendSettings, Context, Delta, GenParams
 from byzer_magic.metrics import RequestLog
 from byzer_magic.worker import STREAMS_PER_TOKEN, Worker
 
 PIECES = 40
 
 
-class Counting:
+class Counting(Backend):
     """A backend that answers PIECES one-token pieces, then a text-less tail with usage."""
+
+    name = "counting"
+    Settings = BackendSettings
+    library = "asyncio"
 
     async def generate(self, prompt: str, gen: GenParams) -> AsyncIterator[Delta]:
         for i in range(PIECES):
@@ -32,10 +36,6 @@ class Counting:
     def chat(self, messages, gen: GenParams) -> AsyncIterator[Delta]:
         return self.generate("", gen)
 
-    def context_length(self) -> None:
-        return None
-
-
 class Bare(Worker):
     """The worker's chat loop without Serve: nothing to shut down."""
 
@@ -45,7 +45,8 @@ class Bare(Worker):
 
 def messages_with(other_streams: int) -> list[Delta]:
     worker = Bare.__new__(Bare)
-    worker._backend, worker._log = Counting(), RequestLog()
+    worker._backend, worker._log = Counting(BackendSettings(), Context("bare")), RequestLog()
+    worker._where = ("bare", "replica")
     worker._log.in_flight = other_streams
 
     async def collect() -> list[Delta]:

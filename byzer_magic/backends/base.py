@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator, ClassVar, Mapping
 
 from pydantic import BaseModel, ConfigDict
 
-from ..errors import WrongTaskError
+from ..errors import FieldError, WrongTaskError
 
 
 class BackendSettings(BaseModel):
@@ -66,6 +66,18 @@ class GenParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     """Generate max_tokens whatever the model says (vLLM's extension, for load tests); vLLM honours it."""
+    response_format: dict[str, Any] | None = None
+    """OpenAI's response_format as sent; only backends with `capabilities.structured_output` get one."""
+    tools: list[dict[str, Any]] | None = None
+    """OpenAI's tools as sent; only backends with `capabilities.tools` get them (with tool_choice, parallel_tool_calls)."""
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[int, float] | None = None
+    """Token id to bias, checked against the model's vocabulary before it reaches a backend."""
+    provider_fields: dict[str, Any] = field(default_factory=dict)
+    """OpenAI fields a provider takes as they are (user, metadata, service_tier, ...), for backends that forward them."""
 
     def over(self, settings: BaseModel) -> GenParams:
         """These values, with the deployment's defaults where the chat left one unset.
@@ -78,6 +90,38 @@ class GenParams:
             if getattr(self, name) is None and getattr(settings, name, None) is not None
         }
         return dataclasses.replace(self, **found)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend honours beyond the fields every backend must (temperature, top_p, max_tokens, stop).
+
+    The endpoint and the worker refuse a request that asks for something its
+    backend does not declare here, with a 400 naming the field and the backend,
+    so nothing a client sends is silently dropped.
+    """
+
+    tools: bool = False
+    """tools, tool_choice and parallel_tool_calls; answers may carry tool calls."""
+    structured_output: bool = False
+    """response_format json_object and json_schema."""
+    # Sampling and forwarding fields follow.
+    seed: bool = False
+    penalties: bool = False
+    """presence_penalty and frequency_penalty, as OpenAI defines them."""
+    logit_bias: bool = False
+    provider_fields: bool = False
+    """Passes GenParams.provider_fields on to the provider as given (SaaS)."""
+    ignore_eos: bool = False
+
+
+def context_exceeded(deployment: str, prompt_tokens: int, limit: int, chat: bool = True) -> FieldError:
+    """OpenAI's context_length_exceeded, as one sentence with both numbers."""
+    return FieldError(
+        "messages" if chat else "prompt",
+        f"the prompt is {prompt_tokens} tokens, and {deployment!r} holds {limit} tokens in its context, answer "
+        f"included; shorten the prompt", "context_length_exceeded",
+    )
 
 
 @dataclass(frozen=True)
@@ -153,6 +197,8 @@ class Backend(abc.ABC):
     """Modules a worker's process imports in the background as soon as it starts, while Serve is still setting
     the replica up, so the constructor finds them imported: only small pure-Python ones whose import is most of
     a worker's start (openai's), never an engine's (vLLM and torch start threads and processes)."""
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    """The request fields it honours; the rest are refused before they reach it."""
 
     def __init__(self, settings: BackendSettings, context: Context):
         self.settings = settings
@@ -207,6 +253,23 @@ class Backend(abc.ABC):
     def context_length(self) -> int | None:
         """The most tokens one request may hold once started; None where the backend cannot tell (a provider)."""
         return None
+
+    def vocab_size(self) -> int | None:
+        """How many token ids the model has, to check logit_bias; None where unknown (a provider checks its own)."""
+        return None
+
+    def answer_budget(self, prompt_tokens: int, gen: GenParams, chat: bool = True) -> int:
+        """The most tokens an answer to this prompt may take: what is left of the context, at most max_tokens.
+
+        A prompt that leaves no room is refused with both numbers; a max_tokens
+        past the context's end is cut there (the answer ends with "length").
+        """
+        limit = self.context_length()
+        if not limit:
+            return gen.max_tokens or 0
+        if prompt_tokens >= limit:
+            raise context_exceeded(self.context.deployment, prompt_tokens, limit, chat)
+        return min(gen.max_tokens or limit, limit - prompt_tokens)
 
     def stats(self) -> dict[str, Any]:
         """Figures only the backend knows (its device, requests running in its engine); the worker counts requests."""

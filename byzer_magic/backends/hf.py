@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import threading
 from typing import Any, AsyncIterator, Literal
 
@@ -17,7 +18,11 @@ from pydantic import Field
 
 from ..errors import BackendError, WrongTaskError
 from . import base
-from .base import BackendSettings, Context, Delta, Embeddings, GenParams, Messages
+from .base import BackendSettings, Capabilities, Context, Delta, Embeddings, GenParams, Messages
+
+
+_UNKNOWN_CONTEXT_ANSWER = 1024
+"""Answer length for a model whose config gives no context length (no max_position_embeddings) and a chat that gives none."""
 
 
 class Settings(BackendSettings):
@@ -31,7 +36,9 @@ class Settings(BackendSettings):
         default="auto", description="weights dtype; auto takes the model's"
     )
     trust_remote_code: bool = Field(default=False, description="run the model repository's own code")
-    max_new_tokens: int = Field(default=256, gt=0, description="default answer length limit")
+    max_new_tokens: int | None = Field(
+        default=None, gt=0, description="default answer length limit; default: what is left of the context"
+    )
     num_threads: int | None = Field(default=None, gt=0, description="torch CPU threads; default: Ray's share")
     pooling: Literal["mean", "cls"] = Field(default="mean", description="embeddings: how tokens become one vector")
     normalize: bool = Field(default=True, description="embeddings: scale vectors to unit length")
@@ -75,6 +82,14 @@ class Backend(base.Backend):
     extra = "transformers"
     tasks = frozenset({"chat", "embed"})
     serves_model_types = True
+    capabilities = Capabilities(
+        tools=False,
+        structured_output=False,
+        # Sampling and forwarding fields follow.
+        seed=True,
+        penalties=False,
+        logit_bias=True,
+    )
 
     def __init__(self, settings: Settings, context: Context):
         super().__init__(settings, context)
@@ -149,15 +164,20 @@ class Backend(base.Backend):
         inputs = self._tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
-        return self._stream(inputs, gen)
+        return self._stream(inputs, gen, True)
 
     def generate(self, prompt: str, gen: GenParams) -> AsyncIterator[Delta]:
         """A raw prompt, continued as it is (no chat template)."""
         self._refuse_chat()
-        return self._stream(self._tokenizer(prompt, return_tensors="pt"), gen)
+        return self._stream(self._tokenizer(prompt, return_tensors="pt"), gen, False)
 
-    def _generation_kwargs(self, gen: GenParams) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"max_new_tokens": gen.max_tokens or self._settings.max_new_tokens}
+    def _generation_kwargs(self, gen: GenParams, prompt_tokens: int, chat: bool) -> dict[str, Any]:
+        """generate()'s arguments; max_new_tokens is what is left of the context, at most what was asked."""
+        asked = dataclasses.replace(gen, max_tokens=gen.max_tokens or self._settings.max_new_tokens)
+        budget = self.answer_budget(prompt_tokens, asked, chat) or _UNKNOWN_CONTEXT_ANSWER
+        kwargs: dict[str, Any] = {"max_new_tokens": budget}
+        if gen.logit_bias:
+            kwargs["sequence_bias"] = [[[token], bias] for token, bias in sorted(gen.logit_bias.items())]
         if gen.temperature is not None:
             kwargs["do_sample"] = gen.temperature > 0
             if gen.temperature > 0:
@@ -171,7 +191,7 @@ class Backend(base.Backend):
             kwargs["pad_token_id"] = self._tokenizer.eos_token_id
         return kwargs
 
-    async def _stream(self, inputs: Any, gen: GenParams) -> AsyncIterator[Delta]:
+    async def _stream(self, inputs: Any, gen: GenParams, chat: bool) -> AsyncIterator[Delta]:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -181,8 +201,8 @@ class Backend(base.Backend):
             def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:
                 return torch.full((input_ids.shape[0],), abandoned.is_set(), dtype=torch.bool, device=input_ids.device)
 
-        kwargs = self._generation_kwargs(gen)
         prompt_tokens = int(inputs["input_ids"].shape[-1])
+        kwargs = self._generation_kwargs(gen, prompt_tokens, chat)
         async with self._turn:
             streamer = _streamer_class()(self._tokenizer, skip_prompt=True, skip_special_tokens=True)
 
@@ -254,6 +274,9 @@ class Backend(base.Backend):
 
     def context_length(self) -> int | None:
         return getattr(getattr(self._model, "config", None), "max_position_embeddings", None)
+
+    def vocab_size(self) -> int | None:
+        return getattr(getattr(self._model, "config", None), "vocab_size", None)
 
     async def health(self) -> None:
         if self._model is None:

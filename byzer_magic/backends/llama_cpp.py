@@ -7,6 +7,7 @@ checks and queue bookkeeping.
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
@@ -15,7 +16,7 @@ from pydantic import Field
 
 from ..errors import BackendError
 from . import base
-from .base import BackendSettings, Context, Delta, GenParams, Messages
+from .base import BackendSettings, Capabilities, Context, Delta, GenParams, Messages, context_exceeded
 
 
 class Settings(BackendSettings):
@@ -35,6 +36,47 @@ class Settings(BackendSettings):
     max_tokens: int | None = Field(default=None, gt=0, description="default answer length limit")
 
 
+_OVER_CONTEXT = re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)")
+"""llama.cpp's own refusal of a prompt that fills its context, read for its two numbers."""
+
+
+class _Counter:
+    """A logits processor: counts llama.cpp's tokens, applies logit_bias, and ends an answer at the context's end.
+
+    llama-cpp-python's streams carry no usage. It calls this once per sampled
+    token with the ids so far: the first call's length is the prompt, the
+    longest is the prompt and all but the last sampled token. It applies
+    logit_bias itself because llama-cpp-python drops both its own logit_bias
+    and any processor passed beside it (it keeps the None list.extend returns).
+    And once the context is full it makes end-of-sequence the only choice:
+    llama-cpp-python's stream, holding back a split UTF-8 character, samples
+    past max_tokens, and the token after the context's last slot fails
+    ("llama_decode returned 1").
+    """
+
+    def __init__(self, bias: dict[int, float] | None, limit: int, eos: int):
+        self.first = 0
+        self.longest = 0
+        self.bias = sorted((bias or {}).items())
+        self.limit, self.eos = limit, eos
+        self.ended = False
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        self.first = self.first or len(input_ids)
+        self.longest = max(self.longest, len(input_ids))
+        for token, value in self.bias:
+            scores[token] += value
+        if len(input_ids) >= self.limit:
+            self.ended = True
+            scores[:] = -1e30
+            scores[self.eos] = 0.0
+        return scores
+
+    def usage(self) -> dict[str, int]:
+        completion = self.longest - self.first + 1 - int(self.ended) if self.first else 0
+        return {"prompt_tokens": self.first, "completion_tokens": completion, "total_tokens": self.first + completion}
+
+
 class Backend(base.Backend):
     """One Llama instance; requests take turns on it."""
 
@@ -44,6 +86,14 @@ class Backend(base.Backend):
     library = "llama_cpp"
     extra = "llama-cpp"
     model_path_help = "the .gguf file to load"
+    capabilities = Capabilities(
+        tools=False,
+        structured_output=False,
+        # Sampling and forwarding fields follow.
+        seed=True,
+        penalties=True,
+        logit_bias=True,
+    )
 
     def __init__(self, settings: Settings, context: Context):
         super().__init__(settings, context)
@@ -102,16 +152,42 @@ class Backend(base.Backend):
             kwargs["seed"] = gen.seed
         if gen.stop:
             kwargs["stop"] = list(gen.stop)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(gen, name):
+                kwargs[name] = getattr(gen, name)
         return kwargs
 
     def chat(self, messages: Messages, gen: GenParams) -> AsyncIterator[Delta]:
-        return self._relay("create_chat_completion", {**self._request(gen), "messages": messages})
+        call = self._llama.create_chat_completion
+        return self._relay(call, {**self._request(gen), "messages": messages}, gen, True)
 
     def generate(self, prompt: str, gen: GenParams) -> AsyncIterator[Delta]:
         """A raw prompt, continued as it is (no chat template)."""
-        return self._relay("create_completion", {**self._request(gen), "prompt": prompt})
+        return self._relay(self._llama.create_completion, {**self._request(gen), "prompt": prompt}, gen, False)
 
-    async def _relay(self, method: str, kwargs: dict[str, Any]) -> AsyncIterator[Delta]:
+    async def _relay(self, call: Any, kwargs: dict[str, Any], gen: GenParams, chat: bool) -> AsyncIterator[Delta]:
+        """The answer as deltas, then one carrying usage as llama.cpp's own tokenizer counted it (see _Counter).
+
+        Left without max_tokens, llama.cpp answers up to the context's end; an
+        answer the counter had to end there finishes with "length".
+        """
+        from llama_cpp import LogitsProcessorList
+
+        counter = _Counter(gen.logit_bias, self._llama.n_ctx(), self._llama.token_eos())
+        kwargs["logits_processor"] = LogitsProcessorList([counter])
+        try:
+            async for delta in self._turns(call, kwargs):
+                if delta.finish_reason and counter.ended:
+                    delta = Delta(delta.text, "length")
+                yield delta
+        except ValueError as exc:
+            found = _OVER_CONTEXT.search(str(exc))
+            if found is None:
+                raise BackendError("llama_cpp", None, str(exc)) from None
+            raise context_exceeded(self.context.deployment, int(found[1]), int(found[2]), chat) from None
+        yield Delta("", None, counter.usage())
+
+    async def _turns(self, call: Any, kwargs: dict[str, Any]) -> AsyncIterator[Delta]:
         """One request at a time; the turn passes on only once no thread is inside the model.
 
         A cancelled await does not stop the thread it waited on: releasing the
@@ -123,7 +199,7 @@ class Backend(base.Backend):
             chunks: Iterator[dict] | None = None
             step: asyncio.Future | None = None
             try:
-                step = asyncio.ensure_future(self._inside(getattr(self._llama, method), **kwargs))
+                step = asyncio.ensure_future(self._inside(call, **kwargs))
                 chunks = await asyncio.shield(step)
                 while True:
                     step = asyncio.ensure_future(self._inside(next, chunks, None))
@@ -134,7 +210,7 @@ class Backend(base.Backend):
                     text = (choice["delta"].get("content") if "delta" in choice else choice.get("text")) or ""
                     if text or choice.get("finish_reason"):
                         yield Delta(text, choice.get("finish_reason"))
-            except (ValueError, RuntimeError) as exc:
+            except RuntimeError as exc:
                 raise BackendError("llama_cpp", None, str(exc)) from None
             finally:
                 if step is not None and not step.done():
@@ -165,6 +241,9 @@ class Backend(base.Backend):
 
     def context_length(self) -> int | None:
         return self._llama.n_ctx() if self._llama is not None else None
+
+    def vocab_size(self) -> int | None:
+        return self._llama.n_vocab() if self._llama is not None else None
 
     async def health(self) -> None:
         if self._llama is None:

@@ -16,8 +16,9 @@ from pydantic import Field, SecretStr
 
 from ..errors import BackendError, SpecError, redact
 from . import base
-from .base import BackendSettings, Context, Delta, GenParams, Messages
+from .base import BackendSettings, Capabilities, Context, Delta, GenParams, Messages
 from .providers import PROVIDER_BASE_URLS
+from ..request_fields import forwarded
 
 
 class Settings(BackendSettings):
@@ -72,6 +73,15 @@ class Backend(base.Backend):
     model_type_prefix = "saas/"
     model_path_help = None
     no_model_path_why = "the endpoint holds the model"
+    capabilities = Capabilities(
+        tools=False,
+        structured_output=False,
+        # Sampling and forwarding fields follow.
+        seed=True,
+        penalties=True,
+        logit_bias=True,
+        provider_fields=True,
+    )
 
     def __init__(self, settings: Settings, context: Context):
         super().__init__(settings, context)
@@ -130,6 +140,12 @@ class Backend(base.Backend):
             kwargs["seed"] = gen.seed
         if gen.stop:
             kwargs["stop"] = list(gen.stop)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(gen, name):
+                kwargs[name] = getattr(gen, name)
+        if gen.logit_bias:
+            kwargs["logit_bias"] = {str(token): bias for token, bias in gen.logit_bias.items()}
+        kwargs.update(forwarded(gen))
         return kwargs
 
     def chat(self, messages: Messages, gen: GenParams) -> AsyncIterator[Delta]:

@@ -19,7 +19,7 @@ from pydantic import ConfigDict, Field
 
 from ..errors import BackendError
 from . import base
-from .base import BackendSettings, Context, Delta, GenParams, GpuRule, Messages
+from .base import BackendSettings, Capabilities, Context, Delta, GenParams, GpuRule, Messages
 
 
 @functools.cache
@@ -110,6 +110,15 @@ class Backend(base.Backend):
     library = "vllm"
     extra = "vllm"
     gpu_rule = GpuRule(whole_above_one=True)
+    capabilities = Capabilities(
+        tools=False,
+        structured_output=False,
+        # Sampling and forwarding fields follow.
+        seed=True,
+        penalties=True,
+        logit_bias=True,
+        ignore_eos=True,
+    )
 
     def __init__(self, settings: Settings, context: Context):
         super().__init__(settings, context)
@@ -164,22 +173,32 @@ class Backend(base.Backend):
 
     def chat(self, messages: Messages, gen: GenParams) -> AsyncIterator[Delta]:
         prompt = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.generate(prompt, gen)
+        return self._generate(prompt, gen, True)
 
-    async def generate(self, prompt: str, gen: GenParams) -> AsyncIterator[Delta]:
+    def generate(self, prompt: str, gen: GenParams) -> AsyncIterator[Delta]:
+        return self._generate(prompt, gen, False)
+
+    def _sampling(self, prompt: str, gen: GenParams, chat: bool) -> Any:
+        """vLLM's SamplingParams; max_tokens is what is left of the context, at most what was asked."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         defaults = self._defaults
-        params = SamplingParams(
+        return SamplingParams(
             temperature=defaults.get("temperature", 1.0) if gen.temperature is None else gen.temperature,
             top_p=defaults.get("top_p", 1.0) if gen.top_p is None else gen.top_p,
-            max_tokens=gen.max_tokens or 256,
+            max_tokens=self.answer_budget(len(self._tokenizer.encode(prompt)), gen, chat),
             seed=gen.seed,
             stop=list(gen.stop) or None,
             ignore_eos=gen.ignore_eos,
+            presence_penalty=gen.presence_penalty or 0.0,
+            frequency_penalty=gen.frequency_penalty or 0.0,
+            logit_bias=gen.logit_bias or None,
             output_kind=RequestOutputKind.DELTA,
         )
+
+    async def _generate(self, prompt: str, gen: GenParams, chat: bool) -> AsyncIterator[Delta]:
+        params = self._sampling(prompt, gen, chat)
         request_id = f"byzer-{next(self._ids)}"
         try:
             held: tuple[int, ...] = ()
@@ -201,6 +220,9 @@ class Backend(base.Backend):
 
     def context_length(self) -> int | None:
         return self._engine.model_config.max_model_len if self._engine is not None else None
+
+    def vocab_size(self) -> int | None:
+        return self._engine.model_config.get_vocab_size() if self._engine is not None else None
 
     async def health(self) -> None:
         await self._engine.check_health()
