@@ -27,6 +27,7 @@ COMMANDS = {
     "scale": "change the number of workers: byzer-magic scale NAME N",
     "chat": "ask a deployment: byzer-magic chat NAME PROMPT... (see `byzer-magic chat --help`)",
     "embed": "embed texts, one JSON vector per line: byzer-magic embed NAME TEXT...",
+    "bench": "load a deployment at rising concurrency: byzer-magic bench NAME (see `byzer-magic bench --help`)",
     "serve": "one OpenAI-compatible endpoint for every deployment (see `byzer-magic serve --help`)",
 }
 
@@ -52,6 +53,11 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
                 from .options import ChatOptions
 
                 add_arguments(cmd, ChatOptions, notebook=False)
+        if name == "bench" and command == "bench":
+            from .option_args import add_arguments
+            from .options import BenchOptions
+
+            add_arguments(cmd, BenchOptions, notebook=False)
         if name == "embed":
             cmd.add_argument("texts", nargs="+", metavar="TEXT", help="each argument is one text")
     return parser
@@ -125,6 +131,8 @@ def _run(args: argparse.Namespace) -> int:
         return _serve(args.flags)
     if args.command == "chat":
         return _chat(args)
+    if args.command == "bench":
+        return _bench(args)
     from . import deploy as deploy_api
 
     where = args.ray_address
@@ -186,6 +194,26 @@ def _chat(args: argparse.Namespace) -> int:
     connect(args.ray_address, embedded_ok=False)
     messages = chat_api.messages_for(" ".join(args.prompt), options.system)
     chat_api.echo(args.name, messages, options.gen())
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Progress bars go to stderr, so stdout holds only the results in the --format asked for."""
+    from .option_args import fields, validated
+    from .options import BenchOptions
+
+    options = validated(BenchOptions, {name: getattr(args, name) for name in fields(BenchOptions, notebook=False)})
+    from . import bench
+    from .cluster import connect
+
+    connect(args.ray_address, embedded_ok=False)
+    result = bench.run(args.name, options, ray_address=args.ray_address)
+    if options.format == "json":
+        print(result.to_json(orient="records"))
+    elif options.format == "csv":
+        print(result.to_csv(index=False), end="")
+    else:
+        print(result.to_string(index=False))
     return 0
 
 

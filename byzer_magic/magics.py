@@ -26,8 +26,8 @@ from .chat_line import split_chat_line
 from .cluster import connect
 from .errors import ByzerError, SpecError
 from .flags import read_serve_flags
-from .option_args import arguments, check, help_lines, kind_of, validated
-from .options import SERVE_DEFAULTS, ChatOptions, DeployFlags, ServeFlags
+from .option_args import arguments, check, fields, help_lines, kind_of, validated
+from .options import SERVE_DEFAULTS, BenchOptions, ChatOptions, DeployFlags, ServeFlags
 from .spec import parse_spec, settings_help
 from .status import DeploymentStatus
 from .widgets import StatusCard
@@ -94,6 +94,14 @@ def _chat_arguments(magic: Callable) -> Callable:
     magic = argument("prompt", nargs="*", help="the question; in the cell form, the cell body")(magic)
     magic = argument("name", help="deployment name given to --model")(magic)
     for names, keywords in reversed(arguments(ChatOptions)):
+        magic = argument(*names, **keywords)(magic)
+    return magic_arguments()(magic)
+
+
+def _bench_arguments(magic: Callable) -> Callable:
+    """`%byzer_bench`'s parser and `?` help: the deployment's name, then BenchOptions' options."""
+    magic = argument("name", help="deployment name given to --model")(magic)
+    for names, keywords in reversed(arguments(BenchOptions)):
         magic = argument(*names, **keywords)(magic)
     return magic_arguments()(magic)
 
@@ -215,6 +223,42 @@ class ByzerMagics(Magics, Configurable):
         connect(self.ray_address, embedded_ok=False)
         vectors = np.asarray(chat_api.embed(name, texts), dtype=np.float32)
         return vectors if cell is not None else vectors[0]
+
+    @_bench_arguments
+    @line_magic
+    @_friendly
+    def byzer_bench(self, line: str) -> Any:
+        """Load a deployment at rising concurrency; a DataFrame per level and a figure.
+
+        Each level keeps that many requests in flight until --requests are
+        answered, then the next level starts; a bar shows each level's progress.
+        Per level: requests/s, output tokens/s (texts/s for an embedder), time
+        to first token, inter-token and end-to-end latency (p50 and p99, ms),
+        errors and the first error's text. The figure plots throughput against
+        concurrency and latency per level; `byzer_magic.bench_figure.figure`
+        draws several results in one figure.
+
+        Examples::
+
+            %byzer_bench my_chat
+            %byzer_bench my_chat --concurrency 1,4,16 --requests 64 --max_tokens 64 -o result
+            %byzer_bench my_chat --via endpoint --prompt "Tell me about Ray"
+        """
+        from . import bench
+        from .bench_figure import figure, png
+
+        args = parse_argstring(self.byzer_bench, line)
+        options = validated(BenchOptions, {name: getattr(args, name) for name in fields(BenchOptions)})
+        connect(self.ray_address, embedded_ok=False)
+        result = bench.run(args.name, options, ray_address=self.ray_address)
+        if self._in_notebook():
+            from IPython.display import Image
+
+            display(Image(png(figure(result))))
+        if options.output:
+            self.shell.user_ns[options.output] = result
+            return None
+        return result
 
     @line_magic
     @_friendly
