@@ -28,6 +28,7 @@ COMMANDS = {
     "chat": "ask a deployment: byzer-magic chat NAME PROMPT... (see `byzer-magic chat --help`)",
     "embed": "embed texts, one JSON vector per line: byzer-magic embed NAME TEXT...",
     "bench": "load a deployment at rising concurrency: byzer-magic bench NAME (see `byzer-magic bench --help`)",
+    "history": "show a chat --session as a transcript (kept in files): byzer-magic history S [--clear]",
     "serve": "one OpenAI-compatible endpoint for every deployment (see `byzer-magic serve --help`)",
 }
 
@@ -40,6 +41,10 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
     for name, text in COMMANDS.items():
         cmd = sub.add_parser(name, help=text, description=text)
         if name in ("deploy", "serve"):
+            continue
+        if name == "history":
+            cmd.add_argument("session", help="the session's name, as given to chat --session")
+            cmd.add_argument("--clear", action="store_true", default=None, help="empty the session")
             continue
         cmd.add_argument("--ray_address", help="Ray cluster address (default: RAY_ADDRESS or the running one)")
         if name != "list":
@@ -133,6 +138,8 @@ def _run(args: argparse.Namespace) -> int:
         return _chat(args)
     if args.command == "bench":
         return _bench(args)
+    if args.command == "history":
+        return _history(args)
     from . import deploy as deploy_api
 
     where = args.ray_address
@@ -192,8 +199,20 @@ def _chat(args: argparse.Namespace) -> int:
     from .cluster import connect
 
     connect(args.ray_address, embedded_ok=False)
-    messages = chat_api.messages_for(" ".join(args.prompt), options.system)
-    chat_api.echo(args.name, messages, options.gen())
+    question = " ".join(args.prompt)
+    messages = chat_api.messages_for(question, options.system)
+    if options.session:
+        from . import sessions
+
+        store = sessions.FileStore()
+        prepared = sessions.prepare(store, options.session, args.name, question, system=options.system,
+                                    max_tokens=options.max_tokens)
+        if prepared.note:
+            print(prepared.note, file=sys.stderr)
+        messages = prepared.messages
+    result = chat_api.echo(args.name, messages, options.gen())
+    if options.session:
+        sessions.record(store, options.session, question, result.text, args.name)
     return 0
 
 
@@ -214,6 +233,21 @@ def _bench(args: argparse.Namespace) -> int:
         print(result.to_csv(index=False), end="")
     else:
         print(result.to_string(index=False))
+    return 0
+
+
+def _history(args: argparse.Namespace) -> int:
+    from . import sessions
+    from .option_args import validated
+    from .options import HistoryOptions
+
+    options = validated(HistoryOptions, {"session": args.session, "clear": args.clear})
+    store = sessions.FileStore()
+    if options.clear:
+        sessions.clear(store, options.session)
+        _say(f"session {options.session!r} cleared")
+    else:
+        _say(store.get(options.session).transcript())
     return 0
 
 

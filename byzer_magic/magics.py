@@ -21,13 +21,13 @@ from traitlets.config import Configurable
 
 from . import chat as chat_api
 from . import deploy as deploy_api
-from . import gateway
+from . import gateway, sessions
 from .chat_line import split_chat_line
 from .cluster import connect
 from .errors import ByzerError, SpecError
 from .flags import read_serve_flags
 from .option_args import arguments, check, fields, help_lines, kind_of, validated
-from .options import SERVE_DEFAULTS, BenchOptions, ChatOptions, DeployFlags, ServeFlags
+from .options import SERVE_DEFAULTS, BenchOptions, ChatOptions, DeployFlags, HistoryOptions, ServeFlags
 from .spec import parse_spec, settings_help
 from .status import DeploymentStatus
 from .widgets import StatusCard
@@ -95,6 +95,15 @@ def _chat_arguments(magic: Callable) -> Callable:
     magic = argument("name", help="deployment name given to --model")(magic)
     for names, keywords in reversed(arguments(ChatOptions)):
         magic = argument(*names, **keywords)(magic)
+    return magic_arguments()(magic)
+
+
+def _history_arguments(magic: Callable) -> Callable:
+    """`%byzer_history`'s parser and `?` help: the session's name, then HistoryOptions' other options."""
+    magic = argument("session", help=HistoryOptions.model_fields["session"].description)(magic)
+    for names, keywords in reversed(arguments(HistoryOptions)):
+        if names != ("--session",):
+            magic = argument(*names, **keywords)(magic)
     return magic_arguments()(magic)
 
 
@@ -176,6 +185,16 @@ class ByzerMagics(Magics, Configurable):
 
             %%byzer_chat my_chat -o answer --system "Answer in one line."
             A long, multi-line question...
+
+            %%byzer_chat my_chat --session s
+            The next cell with --session s sends this question and its answer too.
+
+        `--session S` keeps the conversation in the kernel; `%byzer_history S`
+        shows it. Another deployment can continue it (`--session S` with
+        another name). Where the deployment knows its context and counts
+        tokens (llama_cpp, vllm, transformers), the oldest turns are left out
+        of what is sent until it fits, with a note; a SaaS deployment gets
+        the whole history.
         """
         words, prompt = split_chat_line(line)
         args = parse_argstring(self.byzer_chat, " ".join(shlex.quote(w) for w in words))
@@ -187,13 +206,45 @@ class ByzerMagics(Magics, Configurable):
         options = validated(ChatOptions, {**defaults, **given})
         messages = chat_api.messages_for(text.strip(), options.system)
         connect(self.ray_address, embedded_ok=False)
+        if options.session:
+            prepared = sessions.prepare(sessions.KERNEL, options.session, args.name, text.strip(),
+                                        system=options.system, max_tokens=options.max_tokens)
+            messages = prepared.messages
+            if prepared.note:
+                print(prepared.note)
         if self.stream and not options.no_stream:
             result = chat_api.echo(args.name, messages, options.gen())
         else:
             result = chat_api.chat(args.name, messages, options.gen())
             print(result.text)
+        if options.session:
+            sessions.record(sessions.KERNEL, options.session, text.strip(), result.text, args.name)
         if options.output:
             self.shell.user_ns[options.output] = result
+
+    @_history_arguments
+    @line_magic
+    @_friendly
+    def byzer_history(self, line: str) -> Any:
+        """Show a `--session` conversation as a transcript; `--clear` empties it, `-o` keeps it as OpenAI messages.
+
+        Examples::
+
+            %byzer_history s
+            %byzer_history s -o messages     # [{"role": "user", ...}, {"role": "assistant", ...}, ...]
+            %byzer_history s --clear
+        """
+        args = parse_argstring(self.byzer_history, line)
+        options = validated(HistoryOptions, vars(args))
+        if options.clear:
+            sessions.clear(sessions.KERNEL, options.session)
+            print(f"session {options.session!r} cleared")
+            return None
+        session = sessions.KERNEL.get(options.session)
+        if options.output:
+            self.shell.user_ns[options.output] = session.messages()
+        print(session.transcript())
+        return None
 
     @line_cell_magic
     @_friendly

@@ -105,6 +105,14 @@ SERVE_DEFAULTS = ServeFlags()
 """Where `%byzer_serve` listens when no flag says otherwise."""
 
 
+def session_name(value: str | None) -> str | None:
+    """A session's name: a deployment-style name, which is also a safe file name for the command line's store."""
+    if value is not None and not NAME_PATTERN.match(value):
+        raise ValueError("is not a valid session name: use letters, digits, '_', '-' or '.', start with a letter "
+                         "or digit, at most 64 characters")
+    return value
+
+
 def python_name(value: str | None) -> str | None:
     """An `-o` variable: a Python name that is not a keyword."""
     if value is not None and (not value.isidentifier() or keyword.iskeyword(value)):
@@ -125,12 +133,30 @@ class Sampling(BaseModel):
         return GenParams(self.temperature, self.max_tokens, self.top_p, self.seed)
 
 
+class HistoryOptions(BaseModel):
+    """`%byzer_history`'s options: show, empty or hand over one session."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    session: str = Field(description="the session's name, as given to --session", examples=["s"])
+    clear: bool = Field(False, description="empty the session")
+    output: str | None = Field(None, description="keep the conversation as OpenAI messages in this variable",
+                               json_schema_extra={"short": "-o", "metavar": "VAR", "notebook_only": True})
+
+    _a_session = field_validator("session")(lambda cls, value: session_name(value))
+    _a_variable = field_validator("output")(lambda cls, value: python_name(value))
+
+
 class ChatOptions(Sampling):
     """`%byzer_chat`'s and `byzer-magic chat`'s options; `notebook_only` ones are the magic's alone."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     system: str | None = Field(None, description="system prompt placed before the question")
+    session: str | None = Field(None, description="keep the conversation in this session: the question and answer "
+                                                  "are added to it, and the history goes before the question, "
+                                                  "trimmed from the oldest turn to fit the model's context",
+                                json_schema_extra={"metavar": "S"})
     output: str | None = Field(None, description="keep the answer (a ChatResult) in this variable",
                                json_schema_extra={"short": "-o", "metavar": "VAR", "notebook_only": True})
     no_stream: bool = Field(False, description="print the answer once it is complete",
@@ -140,6 +166,11 @@ class ChatOptions(Sampling):
     @classmethod
     def _a_variable(cls, value: str | None) -> str | None:
         return python_name(value)
+
+    @field_validator("session")
+    @classmethod
+    def _a_session(cls, value: str | None) -> str | None:
+        return session_name(value)
 
 
 MAX_CONCURRENCY = 4096

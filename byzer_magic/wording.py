@@ -21,6 +21,7 @@ SHELL_COMMANDS = {
     "undeploy": "undeploy",
     "serve": "serve",
     "bench": "bench",
+    "history": "history",
 }
 """Each magic (`%byzer_<key>`) and the `byzer-magic` command that does the same."""
 
