@@ -17,7 +17,7 @@ def figure(results: Any) -> Any:
     import pandas as pd
     from matplotlib.figure import Figure
 
-    frame = pd.concat(list(results)) if isinstance(results, (list, tuple)) else results
+    frame = pd.concat(list(results), ignore_index=True) if isinstance(results, (list, tuple)) else results
     fig = Figure(figsize=(11, 4), layout="constrained")
     left, right = fig.subplots(1, 2)
     throughput = "texts_per_s" if "texts_per_s" in frame else "output_tokens_per_s"
@@ -51,3 +51,25 @@ def png(fig: Any) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
     return buffer.getvalue()
+
+
+class Plot:
+    """A bench figure that a notebook shows as a picture whatever its matplotlib backend; `.figure` to change it."""
+
+    def __init__(self, *results: Any):
+        self.figure = figure(list(results))
+        self._shown = [f"{r['deployment'].iloc[0]} ({r['via'].iloc[0]})" for r in results if len(r)]
+
+    def __repr__(self) -> str:
+        return f"bench figure: {', '.join(self._shown)}"
+
+    def _repr_png_(self) -> bytes:
+        return png(self.figure)
+
+    def save(self, path: str) -> None:
+        self.figure.savefig(path)
+
+
+def plot(*results: Any) -> Plot:
+    """One figure of one or more bench results: `plot(vllm_result, llama_result)` compares two deployments."""
+    return Plot(*results)

@@ -286,7 +286,7 @@ class ByzerMagics(Magics, Configurable):
         Per level: requests/s, output tokens/s (texts/s for an embedder), time
         to first token, inter-token and end-to-end latency (p50 and p99, ms),
         errors and the first error's text. The figure plots throughput against
-        concurrency and latency per level; `byzer_magic.bench_figure.figure`
+        concurrency and latency per level; `byzer_magic.bench_figure.plot(a, b)`
         draws several results in one figure.
 
         Examples::
@@ -296,16 +296,14 @@ class ByzerMagics(Magics, Configurable):
             %byzer_bench my_chat --via endpoint --prompt "Tell me about Ray"
         """
         from . import bench
-        from .bench_figure import figure, png
+        from .bench_figure import plot
 
         args = parse_argstring(self.byzer_bench, line)
         options = validated(BenchOptions, {name: getattr(args, name) for name in fields(BenchOptions)})
         connect(self.ray_address, embedded_ok=False)
         result = bench.run(args.name, options, ray_address=self.ray_address)
         if self._in_notebook():
-            from IPython.display import Image
-
-            display(Image(png(figure(result))))
+            display(plot(result))
         if options.output:
             self.shell.user_ns[options.output] = result
             return None

@@ -75,3 +75,26 @@ def test_two_deployments_share_one_figure():
     assert [line.get_label() for line in throughput.lines] == ["a (handle)", "b (handle)"]
     assert list(throughput.lines[1].get_ydata()) == [20, 60]
     assert len(latency.lines) == 12
+
+
+def test_a_session_name_is_checked_before_anything_is_sent(shell, capfd):
+    capfd.readouterr()
+    shell.run_cell("%%byzer_chat some_name --session ../etc\nhi")
+    out, err = capfd.readouterr()
+    assert "UsageError: --session '../etc' is not a valid session name: use letters, digits" in out + err
+
+
+def test_a_file_store_keeps_turns_private_and_an_empty_session_says_so(tmp_path):
+    from byzer_magic import sessions
+
+    store = sessions.FileStore(tmp_path / "sessions")
+    assert store.get("s").transcript() == "session 's' is empty"
+    sessions.record(store, "s", "hi", "hello", "m1")
+    sessions.record(sessions.FileStore(tmp_path / "sessions"), "s", "again", "yes", "m2")
+    again = sessions.FileStore(tmp_path / "sessions").get("s")
+    assert again.messages() == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                                {"role": "user", "content": "again"}, {"role": "assistant", "content": "yes"}]
+    assert "[2] m2: yes" in again.transcript()
+    assert (tmp_path / "sessions" / "s.json").stat().st_mode & 0o777 == 0o600
+    sessions.clear(store, "s")
+    assert store.get("s").turns == []
