@@ -7,7 +7,8 @@ the running `%byzer_serve` endpoint with the openai client. Figures follow
 vLLM's `vllm bench serve`, so the two can be read side by side: time to
 first token is to the first piece of text, inter-token latency is the gap
 between pieces of text, throughput is over the level's whole duration, and
-percentiles are numpy's. Output tokens are the backend's own count where it
+percentiles are numpy's; one unmeasured request opens each level, as vLLM's
+client sends a test prompt before it measures. Output tokens are the backend's own count where it
 reports one (usage, token ids), else the pieces of text received. No IPython
 here: the magic and the command line both call `run`.
 """
@@ -146,7 +147,12 @@ def run(name: str, options: BenchOptions, *, ray_address: str | None = None, pro
 
 
 async def _level_with(connection: "_Connection", options: BenchOptions, level: int, on_done: Callable[[], None]):
+    """One unmeasured request first (connections, handles), as `vllm bench serve` sends a test prompt first."""
     async with connection as send:
+        try:
+            await send(prompt_of(options.requests, options), Sample(time.perf_counter()))
+        except Exception:  # noqa: BLE001 - a failing deployment fails the measured requests too, which report it
+            pass
         return await run_level(send, options, level, on_done)
 
 

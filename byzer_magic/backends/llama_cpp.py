@@ -164,7 +164,9 @@ class Backend(base.Backend):
         return {"most_threads_inside": self._most_threads_inside}
 
     def context_length(self) -> int | None:
-        return self._llama.n_ctx() if self._llama is not None else None
+        """The tokens one request may hold: llama.cpp pads a small n_ctx (128 became 256), but llama-cpp-python's
+        own token buffer keeps the size asked for, and a prompt past it fails ("could not broadcast ...")."""
+        return min(self._llama.n_ctx(), len(self._llama.input_ids)) if self._llama is not None else None
 
     def count_tokens(self, messages: Messages) -> int | None:
         """The prompt tokens llama-cpp-python would send: the GGUF's chat template (or chat_format's), tokenized.
