@@ -50,7 +50,7 @@ def test_history_goes_with_each_question_trimmed_from_the_oldest_turn_with_a_not
     kept = shell.user_ns["kept"]
     assert [m["role"] for m in kept] == ["user", "assistant"] * 5 and kept[0]["content"] == f"0 {QUESTION}"
     assert f"[5] user: 4 {QUESTION}" in transcript and f"[5] {SMALL}: " in transcript
-    with pytest.raises(BackendError, match="exceed context window"):
+    with pytest.raises(BackendError, match="exceed context window|could not broadcast"):  # llama-cpp-python's words
         chat.chat(SMALL, [*kept, {"role": "user", "content": QUESTION}], SHORT)
 
 
