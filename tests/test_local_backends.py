@@ -336,7 +336,7 @@ def test_a_session_on_an_embedder_is_refused_in_one_sentence(embedder, ipython, 
 
 
 @pytest.mark.parametrize("backend", ["hf_chat", "vllm_chat"])
-def test_sessions_count_a_conversation_as_the_engine_will_see_it(backend, request, tiny_model):
+def test_sessions_count_a_conversation_as_the_engine_will_see_it(ray_head, backend, request, tiny_model):
     """The prompt tokens a worker reports for trimming are those its engine is fed: the model's chat template applied,
     tokenized as that engine does (vLLM tokenizes the templated text with special tokens, transformers does not)."""
     from transformers import AutoTokenizer
