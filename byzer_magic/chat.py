@@ -207,6 +207,14 @@ async def aembed(name: str, texts: list[str]) -> Embeddings:
             raise _unwrap(name, exc) from None
 
 
+async def ameasure(name: str, conversations: list[Messages]) -> dict[str, Any]:
+    """The deployment's task, context length and each conversation's prompt tokens (`Worker.measure`)."""
+    try:
+        return await _handle(name).measure.remote(conversations)
+    except _ray_errors() as exc:
+        raise _unwrap(name, exc) from None
+
+
 def embed(name: str, texts: str | list[str]) -> list[list[float]]:
     """One vector per text (a str is one text), from a deployment of an embedding model type."""
     batch = [texts] if isinstance(texts, str) else list(texts)

@@ -27,6 +27,8 @@ COMMANDS = {
     "scale": "change the number of workers: byzer-magic scale NAME N",
     "chat": "ask a deployment: byzer-magic chat NAME PROMPT... (see `byzer-magic chat --help`)",
     "embed": "embed texts, one JSON vector per line: byzer-magic embed NAME TEXT...",
+    "bench": "load a deployment at rising concurrency: byzer-magic bench NAME (see `byzer-magic bench --help`)",
+    "history": "show a chat --session as a transcript (kept in files): byzer-magic history S [--clear]",
     "serve": "one OpenAI-compatible endpoint for every deployment (see `byzer-magic serve --help`)",
 }
 
@@ -40,6 +42,10 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=text, description=text)
         if name in ("deploy", "serve"):
             continue
+        if name == "history":
+            cmd.add_argument("session", help="the session's name, as given to chat --session")
+            cmd.add_argument("--clear", action="store_true", default=None, help="empty the session")
+            continue
         cmd.add_argument("--ray_address", help="Ray cluster address (default: RAY_ADDRESS or the running one)")
         if name != "list":
             cmd.add_argument("name")
@@ -52,6 +58,11 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
                 from .options import ChatOptions
 
                 add_arguments(cmd, ChatOptions, notebook=False)
+        if name == "bench" and command == "bench":
+            from .option_args import add_arguments
+            from .options import BenchOptions
+
+            add_arguments(cmd, BenchOptions, notebook=False)
         if name == "embed":
             cmd.add_argument("texts", nargs="+", metavar="TEXT", help="each argument is one text")
     return parser
@@ -125,6 +136,10 @@ def _run(args: argparse.Namespace) -> int:
         return _serve(args.flags)
     if args.command == "chat":
         return _chat(args)
+    if args.command == "bench":
+        return _bench(args)
+    if args.command == "history":
+        return _history(args)
     from . import deploy as deploy_api
 
     where = args.ray_address
@@ -184,8 +199,55 @@ def _chat(args: argparse.Namespace) -> int:
     from .cluster import connect
 
     connect(args.ray_address, embedded_ok=False)
-    messages = chat_api.messages_for(" ".join(args.prompt), options.system)
-    chat_api.echo(args.name, messages, options.gen())
+    question = " ".join(args.prompt)
+    messages = chat_api.messages_for(question, options.system)
+    if options.session:
+        from . import sessions
+
+        store = sessions.FileStore()
+        prepared = sessions.prepare(store, options.session, args.name, question, system=options.system,
+                                    max_tokens=options.max_tokens)
+        if prepared.note:
+            print(prepared.note, file=sys.stderr)
+        messages = prepared.messages
+    result = chat_api.echo(args.name, messages, options.gen())
+    if options.session:
+        sessions.record(store, options.session, question, result.text, args.name)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Progress bars go to stderr, so stdout holds only the results in the --format asked for."""
+    from .option_args import fields, validated
+    from .options import BenchOptions
+
+    options = validated(BenchOptions, {name: getattr(args, name) for name in fields(BenchOptions, notebook=False)})
+    from . import bench
+    from .cluster import connect
+
+    connect(args.ray_address, embedded_ok=False)
+    result = bench.run(args.name, options, ray_address=args.ray_address)
+    if options.format == "json":
+        print(result.to_json(orient="records"))
+    elif options.format == "csv":
+        print(result.to_csv(index=False), end="")
+    else:
+        print(result.to_string(index=False))
+    return 0
+
+
+def _history(args: argparse.Namespace) -> int:
+    from . import sessions
+    from .option_args import validated
+    from .options import HistoryOptions
+
+    options = validated(HistoryOptions, {"session": args.session, "clear": args.clear})
+    store = sessions.FileStore()
+    if options.clear:
+        sessions.clear(store, options.session)
+        _say(f"session {options.session!r} cleared")
+    else:
+        _say(store.get(options.session).transcript())
     return 0
 
 

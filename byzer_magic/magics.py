@@ -21,13 +21,13 @@ from traitlets.config import Configurable
 
 from . import chat as chat_api
 from . import deploy as deploy_api
-from . import gateway
+from . import gateway, sessions
 from .chat_line import split_chat_line
 from .cluster import connect
 from .errors import ByzerError, SpecError
 from .flags import read_serve_flags
-from .option_args import arguments, check, help_lines, kind_of, validated
-from .options import SERVE_DEFAULTS, ChatOptions, DeployFlags, ServeFlags
+from .option_args import arguments, check, fields, help_lines, kind_of, validated
+from .options import SERVE_DEFAULTS, BenchOptions, ChatOptions, DeployFlags, HistoryOptions, ServeFlags
 from .spec import parse_spec, settings_help
 from .status import DeploymentStatus
 from .widgets import StatusCard
@@ -94,6 +94,23 @@ def _chat_arguments(magic: Callable) -> Callable:
     magic = argument("prompt", nargs="*", help="the question; in the cell form, the cell body")(magic)
     magic = argument("name", help="deployment name given to --model")(magic)
     for names, keywords in reversed(arguments(ChatOptions)):
+        magic = argument(*names, **keywords)(magic)
+    return magic_arguments()(magic)
+
+
+def _history_arguments(magic: Callable) -> Callable:
+    """`%byzer_history`'s parser and `?` help: the session's name, then HistoryOptions' other options."""
+    magic = argument("session", help=HistoryOptions.model_fields["session"].description)(magic)
+    for names, keywords in reversed(arguments(HistoryOptions)):
+        if names != ("--session",):
+            magic = argument(*names, **keywords)(magic)
+    return magic_arguments()(magic)
+
+
+def _bench_arguments(magic: Callable) -> Callable:
+    """`%byzer_bench`'s parser and `?` help: the deployment's name, then BenchOptions' options."""
+    magic = argument("name", help="deployment name given to --model")(magic)
+    for names, keywords in reversed(arguments(BenchOptions)):
         magic = argument(*names, **keywords)(magic)
     return magic_arguments()(magic)
 
@@ -168,14 +185,33 @@ class ByzerMagics(Magics, Configurable):
 
             %%byzer_chat my_chat -o answer --system "Answer in one line."
             A long, multi-line question...
+
+            %%byzer_chat my_chat --session s
+            The next cell with --session s sends this question and its answer too.
+
+        `--session S` keeps the conversation in the kernel; `%byzer_history S`
+        shows it. Another deployment can continue it (`--session S` with
+        another name). Where the deployment knows its context and counts
+        tokens (llama_cpp, vllm, transformers), the oldest turns are left out
+        of what is sent until it fits, with a note; a SaaS deployment gets
+        the whole history.
         """
         name, messages, options = self.chat_request(line, cell)
         connect(self.ray_address, embedded_ok=False)
+        question = messages[-1]["content"]
+        if options.session:
+            prepared = sessions.prepare(sessions.KERNEL, options.session, name, question,
+                                        system=options.system, max_tokens=options.max_tokens)
+            messages = prepared.messages
+            if prepared.note:
+                print(prepared.note)
         if self.stream and not options.no_stream:
             result = chat_api.echo(name, messages, options.gen())
         else:
             result = chat_api.chat(name, messages, options.gen())
             print(result.text)
+        if options.session:
+            sessions.record(sessions.KERNEL, options.session, question, result.text, name)
         if options.output:
             self.shell.user_ns[options.output] = result
 
@@ -190,6 +226,30 @@ class ByzerMagics(Magics, Configurable):
         given = {k: v for k, v in vars(args).items() if k in ChatOptions.model_fields and v is not None}
         options = validated(ChatOptions, {**defaults, **given})
         return args.name, chat_api.messages_for(text.strip(), options.system), options
+
+    @_history_arguments
+    @line_magic
+    @_friendly
+    def byzer_history(self, line: str) -> Any:
+        """Show a `--session` conversation as a transcript; `--clear` empties it, `-o` keeps it as OpenAI messages.
+
+        Examples::
+
+            %byzer_history s
+            %byzer_history s -o messages     # [{"role": "user", ...}, {"role": "assistant", ...}, ...]
+            %byzer_history s --clear
+        """
+        args = parse_argstring(self.byzer_history, line)
+        options = validated(HistoryOptions, vars(args))
+        if options.clear:
+            sessions.clear(sessions.KERNEL, options.session)
+            print(f"session {options.session!r} cleared")
+            return None
+        session = sessions.KERNEL.get(options.session)
+        if options.output:
+            self.shell.user_ns[options.output] = session.messages()
+        print(session.transcript())
+        return None
 
     @line_cell_magic
     @_friendly
@@ -219,6 +279,40 @@ class ByzerMagics(Magics, Configurable):
         connect(self.ray_address, embedded_ok=False)
         vectors = np.asarray(chat_api.embed(name, texts), dtype=np.float32)
         return vectors if cell is not None else vectors[0]
+
+    @_bench_arguments
+    @line_magic
+    @_friendly
+    def byzer_bench(self, line: str) -> Any:
+        """Load a deployment at rising concurrency; a DataFrame per level and a figure.
+
+        Each level keeps that many requests in flight until --requests are
+        answered, then the next level starts; a bar shows each level's progress.
+        Per level: requests/s, output tokens/s (texts/s for an embedder), time
+        to first token, inter-token and end-to-end latency (p50 and p99, ms),
+        errors and the first error's text. The figure plots throughput against
+        concurrency and latency per level; `byzer_magic.bench_figure.plot(a, b)`
+        draws several results in one figure.
+
+        Examples::
+
+            %byzer_bench my_chat
+            %byzer_bench my_chat --concurrency 1,4,16 --requests 64 --max_tokens 64 -o result
+            %byzer_bench my_chat --via endpoint --prompt "Tell me about Ray"
+        """
+        from . import bench
+        from .bench_figure import plot
+
+        args = parse_argstring(self.byzer_bench, line)
+        options = validated(BenchOptions, {name: getattr(args, name) for name in fields(BenchOptions)})
+        connect(self.ray_address, embedded_ok=False)
+        result = bench.run(args.name, options, ray_address=self.ray_address)
+        if self._in_notebook():
+            display(plot(result))
+        if options.output:
+            self.shell.user_ns[options.output] = result
+            return None
+        return result
 
     @line_magic
     @_friendly

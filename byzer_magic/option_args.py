@@ -42,8 +42,9 @@ def _number(value: Any) -> str:
 
 
 def fields(model: type[BaseModel], *, notebook: bool = True) -> dict[str, FieldInfo]:
-    """The model's options a front end offers: the shell leaves out the `notebook_only` ones."""
-    return {name: f for name, f in model.model_fields.items() if notebook or not _extra(f).get("notebook_only")}
+    """The model's options a front end offers: the shell leaves out `notebook_only` ones, a notebook `shell_only` ones."""
+    hidden = "shell_only" if notebook else "notebook_only"
+    return {name: f for name, f in model.model_fields.items() if not _extra(f).get(hidden)}
 
 
 def default_of(model: type[BaseModel], name: str) -> Any:

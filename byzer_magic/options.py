@@ -107,6 +107,21 @@ SERVE_DEFAULTS = ServeFlags()
 """Where `%byzer_serve` listens when no flag says otherwise."""
 
 
+def session_name(value: str | None) -> str | None:
+    """A session's name: a deployment-style name, which is also a safe file name for the command line's store."""
+    if value is not None and not NAME_PATTERN.match(value):
+        raise ValueError("is not a valid session name: use letters, digits, '_', '-' or '.', start with a letter "
+                         "or digit, at most 64 characters")
+    return value
+
+
+def python_name(value: str | None) -> str | None:
+    """An `-o` variable: a Python name that is not a keyword."""
+    if value is not None and (not value.isidentifier() or keyword.iskeyword(value)):
+        raise ValueError("is not a Python variable name")
+    return value
+
+
 class Sampling(BaseModel):
     """How one answer is generated, with the ranges OpenAI's API gives; None leaves it to the backend."""
 
@@ -120,12 +135,30 @@ class Sampling(BaseModel):
         return GenParams(self.temperature, self.max_tokens, self.top_p, self.seed)
 
 
+class HistoryOptions(BaseModel):
+    """`%byzer_history`'s options: show, empty or hand over one session."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    session: str = Field(description="the session's name, as given to --session", examples=["s"])
+    clear: bool = Field(False, description="empty the session")
+    output: str | None = Field(None, description="keep the conversation as OpenAI messages in this variable",
+                               json_schema_extra={"short": "-o", "metavar": "VAR", "notebook_only": True})
+
+    _a_session = field_validator("session")(lambda cls, value: session_name(value))
+    _a_variable = field_validator("output")(lambda cls, value: python_name(value))
+
+
 class ChatOptions(Sampling):
     """`%byzer_chat`'s and `byzer-magic chat`'s options; `notebook_only` ones are the magic's alone."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     system: str | None = Field(None, description="system prompt placed before the question")
+    session: str | None = Field(None, description="keep the conversation in this session: the question and answer "
+                                                  "are added to it, and the history goes before the question, "
+                                                  "trimmed from the oldest turn to fit the model's context",
+                                json_schema_extra={"metavar": "S"})
     output: str | None = Field(None, description="keep the answer (a ChatResult) in this variable",
                                json_schema_extra={"short": "-o", "metavar": "VAR", "notebook_only": True})
     no_stream: bool = Field(False, description="print the answer once it is complete",
@@ -134,6 +167,74 @@ class ChatOptions(Sampling):
     @field_validator("output")
     @classmethod
     def _a_variable(cls, value: str | None) -> str | None:
-        if value is not None and (not value.isidentifier() or keyword.iskeyword(value)):
-            raise ValueError("is not a Python variable name")
+        return python_name(value)
+
+    @field_validator("session")
+    @classmethod
+    def _a_session(cls, value: str | None) -> str | None:
+        return session_name(value)
+
+
+MAX_CONCURRENCY = 4096
+VIAS = ("handle", "endpoint")
+
+
+class BenchOptions(BaseModel):
+    """`%byzer_bench`'s and `byzer-magic bench`'s options: a closed-loop load, one concurrency level after another."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    concurrency: str = Field("1,4,16", description="concurrency levels, run one after another: requests kept in "
+                                                  "flight at once, comma-separated", examples=["1,4,16"])
+    requests: int = Field(64, ge=1, description="requests sent at each level")
+    max_tokens: int = Field(64, ge=1, description="tokens asked of each answer (end-of-sequence is ignored where "
+                                                  "the backend can)")
+    prompt: str | None = Field(None, description="the prompt every request sends (default: --prompt_tokens words)")
+    prompt_tokens: int = Field(64, ge=1, le=100_000, description="a prompt of about this many tokens (that many "
+                                                               "common words, different in each request)")
+    via: str = Field("handle", description="handle: the Python API, as %byzer_chat calls it; endpoint: the running "
+                                           "%byzer_serve endpoint, through the openai client")
+    api_key: str | None = Field(None, description="the endpoint's key when it was started with its own --api_key "
+                                                  "(${VAR} reads it from the environment); default: the generated one")
+    output: str | None = Field(None, description="keep the results (a pandas DataFrame) in this variable",
+                               json_schema_extra={"short": "-o", "metavar": "VAR", "notebook_only": True})
+    format: str = Field("table", description="how the results print: table, json or csv",
+                        json_schema_extra={"shell_only": True})
+
+    @field_validator("concurrency")
+    @classmethod
+    def _levels(cls, value: str) -> str:
+        parts = [part.strip() for part in str(value).split(",")]
+        if not all(part.isdigit() and 1 <= int(part) <= MAX_CONCURRENCY for part in parts):
+            raise ValueError(f"is not a list of concurrency levels: give whole numbers from 1 to {MAX_CONCURRENCY} "
+                             f"separated by commas, e.g. 1,4,16")
+        return ",".join(str(int(part)) for part in parts)
+
+    @field_validator("prompt_tokens")
+    @classmethod
+    def _one_prompt(cls, value: int, info: Any) -> int:
+        if info.data.get("prompt") is not None:
+            raise ValueError("cannot be given with --prompt: give one of the two")
         return value
+
+    @field_validator("via")
+    @classmethod
+    def _a_path(cls, value: str) -> str:
+        if value not in VIAS:
+            raise ValueError(f"is not a way in: use {' or '.join(VIAS)}")
+        return value
+
+    @field_validator("format")
+    @classmethod
+    def _a_format(cls, value: str) -> str:
+        if value not in ("table", "json", "csv"):
+            raise ValueError("is not a format: use table, json or csv")
+        return value
+
+    @field_validator("output")
+    @classmethod
+    def _a_variable(cls, value: str | None) -> str | None:
+        return python_name(value)
+
+    def levels(self) -> list[int]:
+        return [int(part) for part in self.concurrency.split(",")]

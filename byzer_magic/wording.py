@@ -20,6 +20,8 @@ SHELL_COMMANDS = {
     "scale": "scale",
     "undeploy": "undeploy",
     "serve": "serve",
+    "bench": "bench",
+    "history": "history",
 }
 """Each magic (`%byzer_<key>`) and the `byzer-magic` command that does the same."""
 

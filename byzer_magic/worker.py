@@ -68,6 +68,7 @@ class Worker:
     async def __init__(self, spec: DeploySpec):
         started = time.time()
         self._backend = self._build_backend(spec)
+        self._task = spec.task
         await self._backend.start()
         from ray import serve
 
@@ -146,6 +147,13 @@ class Worker:
     async def complete(self, messages: Messages | str, gen: GenParams) -> list[Delta]:
         """The whole answer in one reply, for callers that do not stream."""
         return [delta async for delta in self.chat(messages, gen)]
+
+    async def measure(self, conversations: list[Messages]) -> dict[str, Any]:
+        """For sessions: this deployment's task, its context, and each conversation's prompt tokens (None: unknown)."""
+        if self._task != "chat":
+            return {"task": self._task, "context_length": None, "prompt_tokens": []}
+        counts = [self._backend.count_tokens(messages) for messages in conversations]
+        return {"task": self._task, "context_length": self._backend.context_length(), "prompt_tokens": counts}
 
     async def embed(self, texts: list[str]) -> Embeddings:
         """One vector per text, from backends that embed; the others refuse (Backend.embed)."""

@@ -397,3 +397,42 @@ def test_an_embedding_type_needs_a_model_directory(ray_head, tiny_model):
     with pytest.raises(DeployError, match="transformers needs a model directory with config.json"):
         deploy.deploy(spec)
     assert deploy.status("emb_gguf").state == "stopped"
+
+
+def test_a_bench_against_an_embedder_embeds_and_reports_texts_per_s(embedder):
+    from byzer_magic import bench
+    from byzer_magic.option_args import validated
+    from byzer_magic.options import BenchOptions
+
+    options = validated(BenchOptions, {"concurrency": "1,2", "requests": 4, "prompt_tokens": 8})
+    result = bench.run(embedder, options, progress=False)
+    assert list(result["concurrency"]) == [1, 2] and (result["errors"] == 0).all()
+    assert (result["texts_per_s"] > 0).all() and "ttft_p50_ms" not in result and "output_tokens_per_s" not in result
+
+
+def test_a_session_on_an_embedder_is_refused_in_one_sentence(embedder, ipython, capfd):
+    capfd.readouterr()
+    ipython.run_cell(f"%%byzer_chat {embedder} --session s_emb\nhi")
+    out, err = capfd.readouterr()
+    assert (f"UsageError: --session keeps a conversation, and '{embedder}' is an embedding model, which does not "
+            f"chat: use --session with a chat deployment") in out + err
+
+
+@pytest.mark.parametrize("backend", ["hf_chat", "vllm_chat"])
+def test_sessions_count_a_conversation_as_the_engine_will_see_it(ray_head, backend, request, tiny_model):
+    """The prompt tokens a worker reports for trimming are those its engine is fed: the model's chat template applied,
+    tokenized as that engine does (vLLM tokenizes the templated text with special tokens, transformers does not)."""
+    from transformers import AutoTokenizer
+
+    name = request.getfixturevalue(backend)
+    talk = [*PROMPT, {"role": "assistant", "content": "general kenobi"}, {"role": "user", "content": "and then?"}]
+    facts = worker_call(name, "measure", [PROMPT, talk])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model.hf_dir)
+    if backend == "vllm_chat":
+        expected = [len(tokenizer.encode(tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)))
+                    for m in (PROMPT, talk)]
+    else:
+        expected = [len(tokenizer.apply_chat_template(m, add_generation_prompt=True, return_dict=True)["input_ids"])
+                    for m in (PROMPT, talk)]
+    assert facts["task"] == "chat" and facts["prompt_tokens"] == expected
+    assert facts["context_length"] == (1024 if backend == "vllm_chat" else tiny_model.config.context_length)

@@ -80,6 +80,10 @@ def test_quickstart_runs_and_its_card_reaches_ready(ray_head, tmp_path):
     answer = text_of(notebook.cells[chat_at]).strip()
     assert answer and text_of(notebook.cells[chat_at + 1]).strip().endswith("length")
     assert "3/3 workers" in seen["scaled"]
+    history = text_of(next(c for c in notebook.cells if c.source.startswith("%byzer_history")))
+    assert "[2] user: What is my name?" in history and "['user', 'assistant', 'user', 'assistant']" in history
+    bench = next(c for c in notebook.cells if c.source.startswith("%byzer_bench"))
+    assert "requests_per_s" in text_of(bench) and any("image/png" in o.get("data", {}) for o in bench.outputs)
     assert "tiny_chat undeployed" in text_of(notebook.cells[-1])
     assert deploy.status("tiny_chat").state == "stopped" and alive_replicas("tiny_chat") == []
 
@@ -100,7 +104,8 @@ def test_saas_notebook_runs_without_a_key_against_a_local_server(ray_head, tmp_p
 
 LOCAL_NOTEBOOKS = {
     "03_transformers_chat_and_embeddings": (["hf_chat", "tiny_emb"], ["((64,), 1.0", "array([[1.  , 1.  ,"]),
-    "04_vllm": (["vllm_chat"], ["16 answers, 1024 tokens"]),
+    "04_vllm": (["vllm_chat", "llama_chat"], ["16 answers, 1024 tokens",
+                                             "bench figure: vllm_chat (handle), llama_chat (handle)"]),
     "05_deepspeed": (["ds_chat"], ["' length"]),
 }
 

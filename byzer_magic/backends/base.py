@@ -271,6 +271,14 @@ class Backend(abc.ABC):
             raise context_exceeded(self.context.deployment, prompt_tokens, limit, chat)
         return min(gen.max_tokens or limit, limit - prompt_tokens)
 
+    def count_tokens(self, messages: Messages) -> int | None:
+        """Tokens a chat of these messages takes before its answer (template included); None where unknown.
+
+        Sessions use it with `context_length` to trim a long conversation from
+        its oldest turn; a backend that cannot tell (a provider) is not trimmed.
+        """
+        return None
+
     def stats(self) -> dict[str, Any]:
         """Figures only the backend knows (its device, requests running in its engine); the worker counts requests."""
         return {}

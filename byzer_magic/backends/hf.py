@@ -166,6 +166,13 @@ class Backend(base.Backend):
         )
         return self._stream(inputs, gen, True)
 
+    def count_tokens(self, messages: Messages) -> int | None:
+        """The ids `chat` would feed the model: its chat template applied, generation prompt included."""
+        if self._task != "chat" or not getattr(self._tokenizer, "chat_template", None):
+            return None
+        ids = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+        return len(ids)
+
     def generate(self, prompt: str, gen: GenParams) -> AsyncIterator[Delta]:
         """A raw prompt, continued as it is (no chat template)."""
         self._refuse_chat()

@@ -240,7 +240,32 @@ class Backend(base.Backend):
         return {"most_threads_inside": self._most_threads_inside}
 
     def context_length(self) -> int | None:
-        return self._llama.n_ctx() if self._llama is not None else None
+        """The tokens one request may hold: llama.cpp pads a small n_ctx (128 became 256), but llama-cpp-python's
+        own token buffer keeps the size asked for, and a prompt past it fails ("could not broadcast ...")."""
+        return min(self._llama.n_ctx(), len(self._llama.input_ids)) if self._llama is not None else None
+
+    def count_tokens(self, messages: Messages) -> int | None:
+        """The prompt tokens llama-cpp-python would send: the GGUF's chat template (or chat_format's), tokenized.
+
+        As `Llama` itself does: the template gets the vocabulary's BOS and EOS
+        text, and the prompt is tokenized with special tokens. None for a chat
+        handler that is not a plain template (function calling, images).
+        """
+        from llama_cpp import llama_chat_format as formats
+
+        llama = self._llama
+        template = llama.metadata.get("tokenizer.chat_template")
+        if llama.chat_format == "chat_template.default" and template:
+            def text(token: int) -> str:
+                return llama.detokenize([token], special=True).decode(errors="ignore") if token >= 0 else ""
+
+            formatter = formats.Jinja2ChatFormatter(template, eos_token=text(llama.token_eos()),
+                                                    bos_token=text(llama.token_bos()))
+        else:
+            formatter = formats._CHAT_FORMATS.get(llama.chat_format)  # noqa: SLF001 - the registry has no getter
+        if formatter is None:
+            return None
+        return len(llama.tokenize(formatter(messages=messages).prompt.encode(), special=True))
 
     def vocab_size(self) -> int | None:
         return self._llama.n_vocab() if self._llama is not None else None

@@ -218,6 +218,11 @@ class Backend(base.Backend):
         except (ValueError, RuntimeError) as exc:
             raise BackendError("vllm", None, str(exc)) from None
 
+    def count_tokens(self, messages: Messages) -> int | None:
+        """The prompt `chat` would send: the chat template applied, then tokenized as vLLM does."""
+        prompt = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return len(self._tokenizer.encode(prompt))
+
     def context_length(self) -> int | None:
         return self._engine.model_config.max_model_len if self._engine is not None else None
 

@@ -4,8 +4,9 @@ This is the real `llama_cpp.server` app serving the tiny GGUF; an ASGI
 middleware around it counts requests in flight (so tests can see how many a
 deployment sends at once), can add a fixed delay per request (a slow provider
 for the throughput benchmark), can pause before each streamed chunk, and can
-answer the next N requests with a chosen status (a provider's 429 or 5xx). Steer it with POST /_control and read
-it with GET /_stats.
+answer the next N requests with a chosen status (a provider's 429 or 5xx), and can stand in for the model
+altogether with a paced stream of words (`paced_words`: one word per token asked for, each after
+`chunk_delay`, with usage), whose speed the clock sets. Steer it with POST /_control and read it with GET /_stats.
 
     python -m tests.support.openai_server --model m.gguf --port 8091 [--api_key K]
 """
@@ -29,6 +30,7 @@ class Observed:
         self.fail_status = 500
         self.short_circuit = False
         self.chunk_delay = 0.0
+        self.paced_words = False
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -38,7 +40,7 @@ class Observed:
             return await self._json(send, 200, self._stats())
         if path == "/_control":
             body = json.loads((await receive())["body"] or b"{}")
-            for key in ("delay", "fail_next", "fail_status", "short_circuit", "chunk_delay"):
+            for key in ("delay", "fail_next", "fail_status", "short_circuit", "chunk_delay", "paced_words"):
                 if key in body:
                     setattr(self, key, body[key])
             if body.get("reset"):
@@ -69,6 +71,8 @@ class Observed:
                 return await self._json(counted_send, self.fail_status, message)
             if self.short_circuit:
                 return await self._canned_stream(counted_send)
+            if self.paced_words:
+                return await self._word_stream(counted_send, await _body(receive))
             return await self.app(scope, receive, self._paced(counted_send))
         finally:
             if not done:
@@ -81,6 +85,21 @@ class Observed:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream")]})
         await send({"type": "http.response.body", "body": body})
+
+    async def _word_stream(self, send, request: dict) -> None:
+        """As many words as tokens asked for, one chunk each after `chunk_delay`, then the finish and the usage."""
+        words = int(request.get("max_completion_tokens") or request.get("max_tokens") or 16)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        for index in range(words):
+            await asyncio.sleep(self.chunk_delay)
+            delta = {"role": "assistant", "content": " word"} if index == 0 else {"content": " word"}
+            await send({"type": "http.response.body", "body": _chunk(delta, None), "more_body": True})
+        tail = _chunk({}, "length")
+        if (request.get("stream_options") or {}).get("include_usage"):
+            usage = {"prompt_tokens": 1, "completion_tokens": words, "total_tokens": words + 1}
+            tail += f"data: {json.dumps({**_CHUNK, 'choices': [], 'usage': usage})}\n\n".encode()
+        await send({"type": "http.response.body", "body": tail + b"data: [DONE]\n\n"})
 
     def _paced(self, send):
         """Send with a pause before each body chunk: a slow stream to interrupt mid-way."""
@@ -104,10 +123,22 @@ class Observed:
         await send({"type": "http.response.body", "body": body})
 
 
+_CHUNK = {"id": "chatcmpl-fixed", "object": "chat.completion.chunk", "created": 0, "model": "tiny"}
+
+
 def _chunk(delta: dict, finish: str | None) -> bytes:
-    payload = {"id": "chatcmpl-fixed", "object": "chat.completion.chunk", "created": 0, "model": "tiny",
-               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    payload = {**_CHUNK, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
     return f"data: {json.dumps(payload)}\n\n".encode()
+
+
+async def _body(receive) -> dict:
+    """The whole JSON body of a request, read from ASGI messages."""
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return json.loads(b"".join(chunks) or b"{}")
 
 
 def main() -> None:
