@@ -60,6 +60,53 @@ def running_cluster_address() -> str | None:
         return None
 
 
+_configured: str | None = None
+"""`%config ByzerMagics.ray_address`, so that an address that does not answer is said to come from there."""
+_PROBE_S = 4.0
+"""How long a cluster's port may take to accept a connection before the address is called dead."""
+RAY_CLIENT_PORT = 10001
+
+
+def use_configured_address(address: str | None) -> None:
+    """Record the notebook's `ByzerMagics.ray_address`; the magics call this when it is set."""
+    global _configured
+    _configured = address or None
+
+
+def _target(address: str | None) -> tuple[str | None, str]:
+    """The address to join and where it came from, in the words a user set it with."""
+    if address:
+        return address, "%config ByzerMagics.ray_address" if address == _configured else "--ray_address"
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    return running_cluster_address(), "the cluster running on this machine"
+
+
+def probe(target: str, source: str) -> None:
+    """Refuse, within seconds, an address whose port does not accept a connection.
+
+    Ray's own `ray.init` retries such an address for minutes, printing its
+    C++ "Failed to connect to GCS" warnings into the cell all the while.
+    """
+    if target in ("auto", "local") or ("://" in target and not target.startswith("ray://")):
+        return
+    client = target.startswith("ray://")
+    host, _, port = target.removeprefix("ray://").rstrip("/").rpartition(":")
+    if client and not port.isdigit():
+        host, port = target.removeprefix("ray://").rstrip("/"), str(RAY_CLIENT_PORT)
+    if not host or not port.isdigit():
+        raise DeployError(f"{source} {target!r} is not a Ray address: write HOST:PORT (the head's GCS port, 6379 "
+                          f"unless `ray start --port` said otherwise) or ray://HOST:{RAY_CLIENT_PORT} (Ray Client)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=_PROBE_S):
+            return
+    except OSError as exc:
+        why = exc.strerror or "no answer"
+        start = f"ray start --head --ray-client-server-port={port}" if client else f"ray start --head --port={port}"
+        raise DeployError(f"no Ray cluster answers at {target} (from {source}: {why.lower()}): start one there "
+                          f"(`{start}`) or correct the address") from None
+
+
 def connect(address: str | None = None, *, embedded_ok: bool = True) -> str:
     """Connect this process to Ray and make sure Serve runs; returns the address.
 
@@ -75,7 +122,7 @@ def connect(address: str | None = None, *, embedded_ok: bool = True) -> str:
             return ray.get_runtime_context().gcs_address
         if not ray.is_initialized():
             raydoor.check_version()
-            target = address or os.environ.get("RAY_ADDRESS") or running_cluster_address()
+            target, source = _target(address)
             if target is None and not embedded_ok:
                 raise NotDeployedError(
                     "no Ray cluster is running (none at RAY_ADDRESS or on this machine), so nothing is "
@@ -85,6 +132,7 @@ def connect(address: str | None = None, *, embedded_ok: bool = True) -> str:
             kwargs = dict(logging_level=logging.WARNING, log_to_driver=False, namespace="byzer_magic")
             try:
                 if target:
+                    probe(target, source)
                     raydoor.use_token_if_present()
                     ray.init(address=target, **kwargs)
                 else:

@@ -20,6 +20,7 @@ SHELL_COMMANDS = {
     "scale": "scale",
     "undeploy": "undeploy",
     "serve": "serve",
+    "restore": "restore",
 }
 """Each magic (`%byzer_<key>`) and the `byzer-magic` command that does the same."""
 
