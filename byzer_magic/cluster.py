@@ -32,6 +32,22 @@ plain actor call here; direct ingress is turned off because with it every
 replica held its deletion for about 30 s (and chat needs no HTTP).
 """
 
+QUIET_DRIVER_ENV = {
+    "RAY_BACKEND_LOG_LEVEL": "error",
+    "RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1",
+}
+"""Ray's own switches that keep its C++ side out of a notebook's cells, unless the user set them.
+
+A kernel forwards what its process writes to stderr into the running cell,
+so the driver's C++ warnings (connection retries, a worker's death, the end of
+a task stream) landed there, and Ray's failure signal handler printed a stack
+dump when Jupyter stopped the kernel with SIGTERM. What a user needs from
+those is said in this project's own words instead (a dead address, "the
+worker died while answering", a degraded card). Ray reads both when the
+driver connects; an embedded Ray's processes inherit them and so write less
+to their log files.
+"""
+
 
 def serve_env() -> dict[str, str]:
     """SERVE_ENV with the user's own values winning."""
@@ -129,7 +145,10 @@ def connect(address: str | None = None, *, embedded_ok: bool = True) -> str:
                     "deployed: `ray start --head` starts a shared one, %%byzer_deploy in a notebook starts "
                     "one in its kernel, --ray_address names another"
                 )
-            kwargs = dict(logging_level=logging.WARNING, log_to_driver=False, namespace="byzer_magic")
+            for key, value in QUIET_DRIVER_ENV.items():
+                os.environ.setdefault(key, value)
+            # ERROR: Ray's Python warnings (such as the one saying token authentication is on) stay out of cells.
+            kwargs = dict(logging_level=logging.ERROR, log_to_driver=False, namespace="byzer_magic")
             try:
                 if target:
                     probe(target, source)
@@ -142,7 +161,8 @@ def connect(address: str | None = None, *, embedded_ok: bool = True) -> str:
             except (ConnectionError, RuntimeError, ValueError, OSError) as exc:
                 where = f"connect to Ray at {target}" if target else "start a local Ray"
                 raise DeployError(f"cannot {where}: {exc}") from None
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+        # The driver's router warns of every worker it lost and of a Ray Client link it closes; the card says so.
+        logging.getLogger("ray.serve").setLevel(logging.ERROR)
         serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
         _serve_started = True
         return ray.get_runtime_context().gcs_address

@@ -226,7 +226,7 @@ def start(
     import ray
     from ray import serve
 
-    from .raydoor import deployment_options, start_app
+    from .raydoor import HEAD_NODE_RESOURCE, deployment_options, over_ray_client, start_app
 
     connect(ray_address)
     generated = api_key is None
@@ -236,7 +236,8 @@ def start(
         return current
     if current:
         serve.delete(GATEWAY_APP)
-    node = f"node:{ray.util.get_node_ip_address()}"
+    # A Ray Client driver is no node of the cluster: its endpoint runs on the head, where the client server is.
+    node = HEAD_NODE_RESOURCE if over_ray_client() else f"node:{ray.util.get_node_ip_address()}"
     app = serve.deployment(Gateway, name=GATEWAY_NAME).options(**deployment_options(dict(
         num_replicas=1,
         ray_actor_options={"num_cpus": 0, "resources": {node: 0.001}, "runtime_env": worker_runtime_env()},
