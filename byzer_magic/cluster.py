@@ -32,20 +32,15 @@ plain actor call here; direct ingress is turned off because with it every
 replica held its deletion for about 30 s (and chat needs no HTTP).
 """
 
-QUIET_DRIVER_ENV = {
-    "RAY_BACKEND_LOG_LEVEL": "error",
-    "RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1",
-}
-"""Ray's own switches that keep its C++ side out of a notebook's cells, unless the user set them.
+QUIET_DRIVER_ENV = {"RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1"}
+"""Ray's own switch that keeps its stack dump out of a notebook's cell, unless the user set it.
 
 A kernel forwards what its process writes to stderr into the running cell,
-so the driver's C++ warnings (connection retries, a worker's death, the end of
-a task stream) landed there, and Ray's failure signal handler printed a stack
-dump when Jupyter stopped the kernel with SIGTERM. What a user needs from
-those is said in this project's own words instead (a dead address, "the
-worker died while answering", a degraded card). Ray reads both when the
-driver connects; an embedded Ray's processes inherit them and so write less
-to their log files.
+and Ray's failure signal handler printed a stack dump there when Jupyter
+stopped the kernel with SIGTERM. (RAY_BACKEND_LOG_LEVEL is not used: setting
+it makes Ray print a line saying so.) The driver's C++ "Failed to connect to
+GCS" retries are avoided by `probe`. An embedded Ray's processes inherit the
+switch.
 """
 
 

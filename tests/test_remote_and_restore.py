@@ -137,8 +137,9 @@ def test_a_ray_client_driver_does_everything_a_notebook_does(head, home, clean_s
         print("KEPT_WORKERS=" + str(json.load(open("{home}/deployments/keyed.json"))["flags"].get("num_workers")))
         cell("SCALED_DOWN", "%byzer_scale keyed 1")
         cell("SERVE", "%byzer_serve --port {serve_port}")
-        import byzer_magic, openai
-        client = openai.OpenAI(base_url="http://127.0.0.1:{serve_port}/v1", api_key=byzer_magic.endpoint_key())
+        import openai
+        from byzer_magic.endpoint_key import endpoint_key
+        client = openai.OpenAI(base_url="http://127.0.0.1:{serve_port}/v1", api_key=endpoint_key())
         try:
             pieces = client.chat.completions.create(model="keyed", messages=[{{"role": "user", "content": "hi"}}],
                                                     max_tokens=4, stream=True)
