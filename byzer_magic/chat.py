@@ -25,6 +25,7 @@ from . import metrics
 from .backends.base import Delta, Embeddings, GenParams, Messages
 from .cluster import connect
 from .errors import BackendError, ByzerError, NotDeployedError
+from .raydoor import over_ray_client
 from .worker import WORKER_NAME
 
 T = TypeVar("T")
@@ -168,6 +169,11 @@ async def astream(name: str, messages: Messages | str, gen: GenParams | None = N
 
     `messages` is a conversation, or a str: a raw prompt to continue.
     """
+    if over_ray_client():
+        # Serve refuses streaming handles over Ray Client: the answer comes whole, then is handed on.
+        for delta in await acomplete(name, messages, gen):
+            yield delta
+        return
     handle = _streaming(name)
     with _counted(name):
         response = handle.remote(messages, gen or GenParams())

@@ -30,6 +30,8 @@ COMMANDS = {
     "bench": "load a deployment at rising concurrency: byzer-magic bench NAME (see `byzer-magic bench --help`)",
     "history": "show a chat --session as a transcript (kept in files): byzer-magic history S [--clear]",
     "serve": "one OpenAI-compatible endpoint for every deployment (see `byzer-magic serve --help`)",
+    "restore": "deploy again what the cluster lost, from the kept flags: byzer-magic restore [NAME...] "
+               "[--infer_params KEY=VALUE...]",
 }
 
 
@@ -40,7 +42,7 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, text in COMMANDS.items():
         cmd = sub.add_parser(name, help=text, description=text)
-        if name in ("deploy", "serve"):
+        if name in ("deploy", "serve", "restore"):
             continue
         if name == "history":
             cmd.add_argument("session", help="the session's name, as given to chat --session")
@@ -109,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _hide_secrets(list(argv))
     argv = list(argv)
     _without_iri_grammar()
-    if argv[:1] in (["deploy"], ["serve"]):
+    if argv[:1] in (["deploy"], ["serve"], ["restore"]):
         args = argparse.Namespace(command=argv[0], flags=argv[1:])
     else:
         args = _parser(argv[0] if argv else None).parse_args(argv)
@@ -134,6 +136,8 @@ def _run(args: argparse.Namespace) -> int:
         return _deploy(args.flags)
     if args.command == "serve":
         return _serve(args.flags)
+    if args.command == "restore":
+        return _restore(args.flags)
     if args.command == "chat":
         return _chat(args)
     if args.command == "bench":
@@ -249,6 +253,23 @@ def _history(args: argparse.Namespace) -> int:
     else:
         _say(store.get(options.session).transcript())
     return 0
+
+
+def _restore(argv: list[str]) -> int:
+    """Exit status 1 when any kept deployment could not be restored (each says why)."""
+    from .restore import read_args, restore
+
+    if argv[:1] in (["-h"], ["--help"]):
+        print(COMMANDS["restore"])
+        return 0
+    args = read_args(argv, "byzer-magic restore")
+    from .cluster import connect
+
+    connect(args.ray_address, embedded_ok=False)
+    report = restore(args.names, infer_params=args.infer_params or (), ray_address=args.ray_address,
+                     on_progress=lambda status: _say(status.line()))
+    _say(report)
+    return 1 if report.failed else 0
 
 
 def _serve(argv: list[str]) -> int:

@@ -32,6 +32,17 @@ plain actor call here; direct ingress is turned off because with it every
 replica held its deletion for about 30 s (and chat needs no HTTP).
 """
 
+QUIET_DRIVER_ENV = {"RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1"}
+"""Ray's own switch that keeps its stack dump out of a notebook's cell, unless the user set it.
+
+A kernel forwards what its process writes to stderr into the running cell,
+and Ray's failure signal handler printed a stack dump there when Jupyter
+stopped the kernel with SIGTERM. (RAY_BACKEND_LOG_LEVEL is not used: setting
+it makes Ray print a line saying so.) The driver's C++ "Failed to connect to
+GCS" retries are avoided by `probe`. An embedded Ray's processes inherit the
+switch.
+"""
+
 
 def serve_env() -> dict[str, str]:
     """SERVE_ENV with the user's own values winning."""
@@ -60,6 +71,53 @@ def running_cluster_address() -> str | None:
         return None
 
 
+_configured: str | None = None
+"""`%config ByzerMagics.ray_address`, so that an address that does not answer is said to come from there."""
+_PROBE_S = 4.0
+"""How long a cluster's port may take to accept a connection before the address is called dead."""
+RAY_CLIENT_PORT = 10001
+
+
+def use_configured_address(address: str | None) -> None:
+    """Record the notebook's `ByzerMagics.ray_address`; the magics call this when it is set."""
+    global _configured
+    _configured = address or None
+
+
+def _target(address: str | None) -> tuple[str | None, str]:
+    """The address to join and where it came from, in the words a user set it with."""
+    if address:
+        return address, "%config ByzerMagics.ray_address" if address == _configured else "--ray_address"
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    return running_cluster_address(), "the cluster running on this machine"
+
+
+def probe(target: str, source: str) -> None:
+    """Refuse, within seconds, an address whose port does not accept a connection.
+
+    Ray's own `ray.init` retries such an address for minutes, printing its
+    C++ "Failed to connect to GCS" warnings into the cell all the while.
+    """
+    if target in ("auto", "local") or ("://" in target and not target.startswith("ray://")):
+        return
+    client = target.startswith("ray://")
+    host, _, port = target.removeprefix("ray://").rstrip("/").rpartition(":")
+    if client and not port.isdigit():
+        host, port = target.removeprefix("ray://").rstrip("/"), str(RAY_CLIENT_PORT)
+    if not host or not port.isdigit():
+        raise DeployError(f"{source} {target!r} is not a Ray address: write HOST:PORT (the head's GCS port, 6379 "
+                          f"unless `ray start --port` said otherwise) or ray://HOST:{RAY_CLIENT_PORT} (Ray Client)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=_PROBE_S):
+            return
+    except OSError as exc:
+        why = exc.strerror or "no answer"
+        start = f"ray start --head --ray-client-server-port={port}" if client else f"ray start --head --port={port}"
+        raise DeployError(f"no Ray cluster answers at {target} (from {source}: {why.lower()}): start one there "
+                          f"(`{start}`) or correct the address") from None
+
+
 def connect(address: str | None = None, *, embedded_ok: bool = True) -> str:
     """Connect this process to Ray and make sure Serve runs; returns the address.
 
@@ -75,16 +133,20 @@ def connect(address: str | None = None, *, embedded_ok: bool = True) -> str:
             return ray.get_runtime_context().gcs_address
         if not ray.is_initialized():
             raydoor.check_version()
-            target = address or os.environ.get("RAY_ADDRESS") or running_cluster_address()
+            target, source = _target(address)
             if target is None and not embedded_ok:
                 raise NotDeployedError(
                     "no Ray cluster is running (none at RAY_ADDRESS or on this machine), so nothing is "
                     "deployed: `ray start --head` starts a shared one, %%byzer_deploy in a notebook starts "
                     "one in its kernel, --ray_address names another"
                 )
-            kwargs = dict(logging_level=logging.WARNING, log_to_driver=False, namespace="byzer_magic")
+            for key, value in QUIET_DRIVER_ENV.items():
+                os.environ.setdefault(key, value)
+            # ERROR: Ray's Python warnings (such as the one saying token authentication is on) stay out of cells.
+            kwargs = dict(logging_level=logging.ERROR, log_to_driver=False, namespace="byzer_magic")
             try:
                 if target:
+                    probe(target, source)
                     raydoor.use_token_if_present()
                     ray.init(address=target, **kwargs)
                 else:
@@ -94,7 +156,8 @@ def connect(address: str | None = None, *, embedded_ok: bool = True) -> str:
             except (ConnectionError, RuntimeError, ValueError, OSError) as exc:
                 where = f"connect to Ray at {target}" if target else "start a local Ray"
                 raise DeployError(f"cannot {where}: {exc}") from None
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+        # The driver's router warns of every worker it lost and of a Ray Client link it closes; the card says so.
+        logging.getLogger("ray.serve").setLevel(logging.ERROR)
         serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
         _serve_started = True
         return ray.get_runtime_context().gcs_address

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from . import metrics
+from . import metrics, records
 from .raydoor import (
     app_status, deployment_options, reason_in, serve_details, set_workers, setup_hook_env, start_app,
 )
@@ -173,7 +173,7 @@ def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> Deployme
     if spec.model_path:
         # Workers run in other directories: a path relative to the notebook must not reach them as is.
         spec = replace(spec, model_path=str(Path(spec.model_path).expanduser().resolve()))
-    connect(spec.ray_address)
+    address = connect(spec.ray_address)
     app = serve_details().get("applications", {}).get(spec.name)
     _refuse_foreign(spec.name, app)
     existing = _to_status(spec.name, app)
@@ -190,7 +190,9 @@ def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> Deployme
     deadline = time.monotonic() + spec.deploy_timeout
     try:
         start_app(app, spec.name, scalable=True)
-        return _wait(spec.name, spec.num_workers, deadline, on_progress, "--deploy_timeout")
+        ready = _wait(spec.name, spec.num_workers, deadline, on_progress, "--deploy_timeout")
+        records.save(spec, address)
+        return ready
     except BaseException as exc:
         serve.delete(spec.name)
         if isinstance(exc, DeployError):
@@ -258,11 +260,13 @@ def scale(
         _check_resources(extra, per_worker.get("cpus_per_worker") or 0, per_worker.get("gpus_per_worker") or 0)
         _check_memory(extra, current.metrics.get("largest_worker_bytes") or 0)
     set_workers(name, WORKER_NAME, workers)
+    records.update(name, num_workers=workers)
     try:
         return _wait(name, workers, time.monotonic() + timeout, on_progress, "the scale timeout")
     except (DeployError, KeyboardInterrupt) as exc:
         # A scale that cannot finish goes back to the count before it, instead of leaving Serve adding workers.
         set_workers(name, WORKER_NAME, current.workers_wanted)
+        records.update(name, num_workers=current.workers_wanted)
         if isinstance(exc, KeyboardInterrupt):
             raise
         raise DeployError(f"{exc}; scaled back to {current.workers_wanted} workers") from None
@@ -296,3 +300,4 @@ def undeploy(name: str, *, ray_address: str | None = None) -> None:
 
     require(name, ray_address=ray_address)
     serve.delete(name)
+    records.remove(name)

@@ -13,6 +13,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
+from urllib.parse import urlsplit
 
 from .errors import SpecError
 from .option_args import add_arguments, validated
@@ -82,6 +83,32 @@ def secrets_in_env(tokens: Sequence[str], env: Mapping[str, str]) -> list[str]:
         if sep and SECRET_KEY.search(key):
             found.extend(env.get(a or b, "") for a, b in _ENV_VAR.findall(value))
     return [v for v in found if v]
+
+
+class _AsWritten(dict):
+    """An environment that answers every variable with its own reference, so reading flags keeps `${VAR}` as is."""
+
+    def __contains__(self, name: object) -> bool:
+        return True
+
+    def __getitem__(self, name: str) -> str:
+        return "${" + name + "}"
+
+
+def secret_references(argv: Sequence[str]) -> dict[str, str]:
+    """Secret infer_params given wholly by reference, as written: `${VAR}`, `node-env:NAME`, a URL's `${VAR}` password.
+
+    These can be kept (a restore reads them again); a literal secret cannot.
+    """
+    written = read_flags(list(argv), _AsWritten()).infer_params
+    return {key: value for key, value in written.items() if isinstance(value, str) and _by_reference(key, value)}
+
+
+def _by_reference(key: str, value: str) -> bool:
+    if SECRET_KEY.search(key):
+        return bool(_ENV_VAR.fullmatch(value)) or value.startswith("node-env:")
+    password = urlsplit(value).password if "://" in value else None
+    return password is not None and bool(_ENV_VAR.fullmatch(password))
 
 
 def read_flags(argv: list[str], env: Mapping[str, str]) -> Flags:

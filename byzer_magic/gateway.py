@@ -260,7 +260,7 @@ def start(
     import ray
     from ray import serve
 
-    from .raydoor import deployment_options, start_app
+    from .raydoor import HEAD_NODE_RESOURCE, deployment_options, over_ray_client, start_app
 
     connect(ray_address)
     generated = api_key is None
@@ -272,7 +272,8 @@ def start(
         _delete()
     _check_free(host, port)
     metrics_dir = tempfile.mkdtemp(prefix="byzer-endpoint-metrics-")
-    node = f"node:{ray.util.get_node_ip_address()}"
+    # A Ray Client driver is no node of the cluster: its endpoint runs on the head, where the client server is.
+    node = HEAD_NODE_RESOURCE if over_ray_client() else f"node:{ray.util.get_node_ip_address()}"
     env = worker_runtime_env().get("env_vars", {})
     app = serve.deployment(Gateway, name=GATEWAY_NAME).options(**deployment_options(dict(
         num_replicas=processes or default_processes(),

@@ -16,14 +16,15 @@ from IPython.core.error import UsageError
 from IPython.display import display
 from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from traitlets import Bool, Float, Int, TraitError, TraitType, Unicode, validate
+from traitlets import Bool, Float, Int, TraitError, TraitType, Unicode, observe, validate
 from traitlets.config import Configurable
 
 from . import chat as chat_api
 from . import deploy as deploy_api
-from . import gateway, sessions
+from . import gateway, records, sessions
+from . import restore as restore_api
 from .chat_line import split_chat_line
-from .cluster import connect
+from .cluster import connect, use_configured_address
 from .errors import ByzerError, SpecError
 from .flags import read_serve_flags
 from .option_args import arguments, check, fields, help_lines, kind_of, validated
@@ -126,6 +127,17 @@ class ByzerMagics(Magics, Configurable):
     system = _chat_setting("system")
     ray_address = Unicode(None, allow_none=True, help="Ray cluster for every magic; overrides RAY_ADDRESS").tag(config=True)
     card_interval = Float(2.0, help="seconds between a status card's updates from the cluster").tag(config=True)
+    state_dir = Unicode(None, allow_none=True, help="folder where each deployment's flags are kept for "
+                        "%byzer_restore; default $BYZER_MAGIC_HOME/deployments or ~/.byzer_magic/deployments"
+                        ).tag(config=True)
+
+    @observe("state_dir")
+    def _state_dir_set(self, change: Any) -> None:
+        records.use_state_dir(change["new"])
+
+    @observe("ray_address")
+    def _address_set(self, change: Any) -> None:
+        use_configured_address(change["new"])
 
     @validate(*_CHAT_DEFAULTS)
     def _chat_default(self, proposal: Any) -> Any:
@@ -376,6 +388,23 @@ class ByzerMagics(Magics, Configurable):
         chat_api.forget(name)
         print(f"{name} undeployed")
 
+    @line_magic
+    @_friendly
+    def byzer_restore(self, line: str = "") -> restore_api.RestoreReport:
+        """Deploy again what the cluster lost (a restart, a new head), from the flags kept for each deployment.
+
+        Examples::
+
+            %byzer_restore                       # every kept deployment the cluster does not run
+            %byzer_restore my_chat --infer_params saas.api_key=${OPENAI_API_KEY}
+
+        Each deployment's flags are kept in `%config ByzerMagics.state_dir`
+        when it is deployed; a secret given as ${VAR} is read again now, one
+        given literally was not kept and is asked for by name.
+        """
+        args = restore_api.read_args(shlex.split(line))
+        return restore_api.restore(args.names, infer_params=args.infer_params or (),
+                                   ray_address=args.ray_address or self.ray_address, on_progress=self._progress)
 
     @line_magic
     @_friendly

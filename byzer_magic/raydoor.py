@@ -112,6 +112,17 @@ def use_token_if_present() -> None:
         quiet.setLevel(level)
 
 
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+"""The custom resource Ray gives the head node alone: where the OpenAI endpoint runs for a Ray Client driver."""
+
+
+def over_ray_client() -> bool:
+    """Whether this process reaches its cluster through Ray Client (`ray://`), which cannot stream from Serve."""
+    from ray.util.client import ray as client
+
+    return client.is_connected()
+
+
 def in_replica() -> bool:
     """Inside a Serve replica (the OpenAI endpoint) Ray and Serve are already there."""
     from ray import serve

@@ -16,7 +16,7 @@ import dataclasses
 import difflib
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 from urllib.parse import urlsplit, urlunsplit
@@ -27,7 +27,8 @@ from . import backends
 from .backends import EMBEDDING_TYPES
 from .backends.base import Backend, BackendSettings, Context
 from .errors import SpecError, redact
-from .flags import SECRET_KEY, Flags, did_you_mean, read_flags, secrets_in, secrets_in_env, split_cell
+from .flags import (SECRET_KEY, Flags, did_you_mean, read_flags, secret_references, secrets_in, secrets_in_env,
+                    split_cell)
 from .option_args import default_of, validated
 from .options import MAX_WORKERS, DeployFlags  # noqa: F401 - deploy.scale bounds workers by MAX_WORKERS too
 
@@ -50,6 +51,8 @@ class DeploySpec:
     force: bool = default_of(DeployFlags, "force")
     deploy_timeout: float = default_of(DeployFlags, "deploy_timeout")
     max_queued_requests: int = default_of(DeployFlags, "max_queued_requests")
+    secret_refs: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    """Secret infer_params given by reference (`${VAR}`), as written: what `records` may keep of a secret."""
 
     @property
     def backend_class(self) -> type[Backend]:
@@ -155,7 +158,7 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Dep
         if not argv:
             raise SpecError("no flags given: at least --model NAME and --pretrained_model_type are needed")
         flags = read_flags(argv, env)
-        return _build(flags)
+        return replace(_build(flags), secret_refs=tuple(secret_references(argv).items()))
     except SpecError as exc:
         raise SpecError(redact(str(exc), secrets + secrets_in_env(argv, env))) from None
 

@@ -22,6 +22,7 @@ SHELL_COMMANDS = {
     "serve": "serve",
     "bench": "bench",
     "history": "history",
+    "restore": "restore",
 }
 """Each magic (`%byzer_<key>`) and the `byzer-magic` command that does the same."""
 

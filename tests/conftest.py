@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -190,6 +191,16 @@ def alive_replicas(app: str) -> list:
     return [a for a in actors if f":{app}:" in (a.class_name or "") or (a.name or "").startswith(f"SERVE_REPLICA::{app}#")]
 
 
+RAY_NOISE = re.compile(
+    r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [EWIF] \d+"  # Ray's C++ log lines
+    r"|^(?:WARNING|ERROR|INFO) \d{4}-\d\d-\d\d"  # Serve's
+    r"|^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\t(?:WARNING|ERROR|INFO)"  # Ray's Python loggers
+    r"|SIGTERM received|Token authentication|\((?:raylet|pid=\d+)|Failed to connect to GCS|Traceback",
+    re.MULTILINE,
+)
+"""Ray's own log lines, which must never reach a notebook's cell (a driver's stderr is forwarded there)."""
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Mark `ray` every test that needs a Ray cluster, so `pytest -m "not ray"` runs the fast ones alone.
 
@@ -197,7 +208,7 @@ def pytest_collection_modifyitems(config, items) -> None:
     fixture, directly or through another fixture) or lives in a module whose
     kernels, notebooks or browser start Ray of their own.
     """
-    own_ray = {"test_notebooks", "test_binder", "test_browser", "test_cli_and_restart"}
+    own_ray = {"test_notebooks", "test_binder", "test_browser", "test_cli_and_restart", "test_remote_and_restore"}
     for item in items:
         if "ray_head" in getattr(item, "fixturenames", ()) or item.module.__name__.rsplit(".", 1)[-1] in own_ray:
             item.add_marker(pytest.mark.ray)

@@ -10,7 +10,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-from .conftest import ROOT, alive_replicas, wait_until
+from .conftest import RAY_NOISE, ROOT, alive_replicas, wait_until
 
 
 def cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
@@ -80,7 +80,7 @@ def lone_kernel(code: str):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_TMPDIR"] = str(ray_tmp)
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     try:
         yield proc
     finally:
@@ -121,6 +121,8 @@ def test_a_kernel_without_a_cluster_gets_an_embedded_ray_that_ends_with_it(clean
         proc.stdin.close()
         proc.wait(60)
         wait_all_gone(family, "every process of the embedded cluster to exit")
+        noise = proc.stderr.read()
+        assert not RAY_NOISE.search(noise), f"Ray's own lines (its token warning, say) reach the cell: {noise}"
 
 
 def test_without_any_cluster_list_says_so_instead_of_starting_one():
