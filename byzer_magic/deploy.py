@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import metrics, placement, scaling
-from .raydoor import can_scale_in_place, deployed, deployment_options, reason_in, serve_details, set_workers, start_app
+from .raydoor import (can_scale_in_place, deployed, deployment_options, pinned, reason_in, serve_details, set_workers,
+                      start_app)
 from .cluster import connect, worker_runtime_env
 from .errors import DeployError, NotDeployedError, SpecError, redact
 from .spec import MAX_WORKERS, DeploySpec
@@ -152,9 +153,10 @@ def _app(spec: DeploySpec, **kept: Any) -> Any:
     options = worker_options(spec, deployed_at=kept.get("deployed_at"))
     if kept.get("actor_options"):
         options["ray_actor_options"] = kept["actor_options"]
+    deployment = serve.deployment(Worker, name=WORKER_NAME).options(**deployment_options(options))
     if kept.get("version"):
-        options["version"] = kept["version"]
-    return serve.deployment(Worker, name=WORKER_NAME).options(**deployment_options(options)).bind(spec)
+        deployment = pinned(deployment, kept["version"])
+    return deployment.bind(spec)
 
 
 def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> DeploymentStatus:
@@ -190,7 +192,8 @@ def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> Deployme
     deadline = time.monotonic() + spec.deploy_timeout
     try:
         start_app(_app(spec), spec.name, scalable=not spec.autoscaling)
-        return _wait(spec.name, first, deadline, on_progress, "--deploy_timeout", exact=not spec.autoscaling)
+        bounds = (spec.min_workers, spec.max_workers) if spec.autoscaling else None
+        return _wait(spec.name, first, deadline, on_progress, "--deploy_timeout", bounds=bounds)  # type: ignore[arg-type]
     except BaseException as exc:
         serve.delete(spec.name)
         if isinstance(exc, DeployError):
@@ -208,8 +211,9 @@ def _refuse_foreign(name: str, app: dict[str, Any] | None) -> None:
 
 
 def _wait(name: str, workers: int, deadline: float, on_progress: Progress | None, timeout_flag: str,
-          *, exact: bool = True) -> DeploymentStatus:
-    """Until `workers` are ready: exactly that many for a fixed count, at least that many while autoscaling."""
+          *, bounds: tuple[int, int] | None = None) -> DeploymentStatus:
+    """Until `workers` are ready: exactly that many for a fixed count, at least that many within autoscaling `bounds`."""
+    exact = bounds is None
     last = None
     while True:
         current = status(name)
@@ -219,9 +223,10 @@ def _wait(name: str, workers: int, deadline: float, on_progress: Progress | None
         if current.state == "failed":
             raise DeployError(f"deploying {name!r} failed: {current.message}")
         if exact and (current.state == "ready" and current.workers_ready == workers == current.workers_wanted
-                      and len(current.workers) == workers):
+                      and len(current.workers) == workers and current.max_workers is None):
             return current
-        if not exact and current.state in ("ready", "scaling") and current.workers_ready >= workers:
+        if (not exact and current.state in ("ready", "scaling") and current.workers_ready >= workers
+                and (current.min_workers, current.max_workers) == bounds):
             return current
         if time.monotonic() > deadline:
             raise DeployError(
@@ -260,7 +265,7 @@ def scale(
         before = f"{current.range_text()} workers"
     try:
         return _wait(name, first, time.monotonic() + timeout, on_progress, "the scale timeout",
-                     exact=isinstance(workers, int))
+                     bounds=None if isinstance(workers, int) else workers)
     except (DeployError, KeyboardInterrupt) as exc:
         # A scale that cannot finish goes back to where it was, instead of leaving Serve adding workers.
         undo()

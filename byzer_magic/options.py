@@ -51,7 +51,8 @@ class DeployFlags(BaseModel):
         None, ge=1, le=MAX_WORKERS, description="most workers when autoscaling: Serve adds workers under load up to "
                                                 "this and removes them when idle (--min_workers defaults to 1)")
     target_ongoing_requests: float | None = Field(
-        None, gt=0, description="requests per worker that autoscaling aims for; default: 80% of --worker_concurrency")
+        None, gt=0, description="requests per worker that autoscaling aims for; default: --worker_concurrency "
+                                "(80% of it above 1)")
     upscale_delay_s: float = Field(30.0, ge=0, description="seconds the load must stay high before autoscaling adds "
                                                            "a worker (Serve's default)", json_schema_extra={"unit": "seconds"})
     downscale_delay_s: float = Field(600.0, ge=0, description="seconds the load must stay low before autoscaling "

@@ -206,6 +206,17 @@ def deployed(app: str, deployment: str) -> tuple[tuple, str, dict[str, Any]]:
     return tuple(replica.init_args), info.version, dict(replica.ray_actor_options or {})
 
 
+def pinned(deployment: Any, version: str) -> Any:
+    """The deployment with its code version fixed, so Serve sees a redeploy as a change of options only.
+
+    Serve took `version` out of its public `options` (it still reads `_version` when deploying).
+    """
+    from ray import serve
+
+    internal = {"_internal": True} if "_internal" in inspect.signature(serve.Deployment.options).parameters else {}
+    return deployment.options(version=version, **internal)
+
+
 def _kv(name: str) -> Any:
     """One of the GCS key-value store's functions, which Ray names as private."""
     return _private("ray.experimental.internal_kv", f"_internal_kv_{name}")

@@ -20,7 +20,8 @@ _RANGE = re.compile(r"^\s*(\d+)\s*\.\.\s*(\d+)\s*$")
 _AUTOSCALING_ONLY = ("target_ongoing_requests", "upscale_delay_s", "downscale_delay_s")
 _RAY_OWN = {"CPU": "--cpus_per_worker", "GPU": "--gpus_per_worker"}
 TARGET_SHARE = 0.8
-"""Autoscaling aims at this share of a worker's concurrency, so a worker gets help before it is full."""
+"""Autoscaling aims at this share of a batching worker's concurrency, so it gets help before it is full;
+a worker that takes one request at a time aims at that one (a single steady chat keeps a single worker)."""
 SHUTDOWN_MARGIN_S = 5.0
 
 
@@ -65,7 +66,7 @@ def autoscaling_config(spec: DeploySpec) -> dict[str, Any] | None:
     """
     if spec.max_workers is None:
         return None
-    target = spec.target_ongoing_requests or max(TARGET_SHARE * spec.worker_concurrency, 0.5)
+    target = spec.target_ongoing_requests or max(TARGET_SHARE * spec.worker_concurrency, 1.0)
     return {
         "min_replicas": spec.min_workers,
         "initial_replicas": max(spec.min_workers or 0, 1),
