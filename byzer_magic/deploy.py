@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import metrics, placement, scaling
-from .raydoor import (can_scale_in_place, deployed, deployment_options, pinned, reason_in, serve_details, set_workers,
+from .raydoor import (can_scale_in_place, deployed, deployment_options, pinned, serve_details, set_workers,
                       start_app)
 from .cluster import connect, worker_runtime_env
 from .errors import DeployError, NotDeployedError, SpecError, redact
 from .spec import MAX_WORKERS, DeploySpec
+from .serve_status import ours, table_of, to_status
 from .status import DeploymentStatus, StatusTable
 from .worker import WORKER_NAME, Worker
 
@@ -39,62 +40,14 @@ def preflight(spec: DeploySpec) -> None:
         raise DeployError(f"--model_path {spec.model_path}: {problem}")
 
 
-def _ours(app: dict[str, Any]) -> dict[str, Any] | None:
-    """The worker deployment of a Serve app, if the app is one of ours."""
-    return app.get("deployments", {}).get(WORKER_NAME)
-
-
-def _to_status(name: str, app: dict[str, Any] | None) -> DeploymentStatus:
-    if app is None or _ours(app) is None:
-        return DeploymentStatus(name, "stopped")
-    dep = _ours(app)
-    config = dep.get("deployment_config", {})
-    autoscaling = config.get("autoscaling_config") or {}
-    replicas = dep.get("replicas", [])
-    ready = sum(r.get("state") == "RUNNING" for r in replicas)
-    wanted = int(dep.get("target_num_replicas", config.get("num_replicas", 0)) or 0)
-    workers = tuple(str(getattr(r.get("state"), "value", r.get("state", "?"))).lower() for r in replicas)
-    nodes = tuple(placement.node_label(r.get("node_id") or "", r.get("node_ip") or "") for r in replicas)
-    state, message = _state_of(app, dep, ready, wanted, workers)
-    return DeploymentStatus(
-        name, state, ready, wanted, message, dict(config.get("user_config") or {}), workers, nodes=nodes,
-        min_workers=autoscaling.get("min_replicas") if autoscaling else None,
-        max_workers=autoscaling.get("max_replicas") if autoscaling else None,
-    )
-
-
-def _state_of(app: dict[str, Any], dep: dict[str, Any], ready: int, wanted: int,
-              workers: tuple[str, ...]) -> tuple[str, str]:
-    """The deployment's state and its message: a scale under way reads "scaling", not degraded or ready."""
-    app_status, dep_status = app.get("status", ""), dep.get("status")
-    message = reason_in(dep.get("message") or app.get("message") or "")
-    # A worker starting after a scale-up is progress; one starting to replace a dead worker
-    # (Serve marks the deployment UNHEALTHY) leaves the deployment degraded until it is up.
-    starting = dep_status != "UNHEALTHY" and any(w in ("starting", "updating", "recovering", "pending_allocation")
-                                                 for w in workers)
-    if app_status == "DEPLOY_FAILED":
-        return "failed", message
-    if app_status == "DELETING":
-        return "stopped", message
-    if app_status == "DEPLOYING" and dep_status not in ("UPSCALING", "DOWNSCALING", "HEALTHY"):
-        return "deploying", message
-    if dep_status != "UNHEALTHY" and ready < wanted and (dep_status == "UPSCALING" or starting):
-        return "scaling", f"scaling up to {wanted} workers"
-    if dep_status != "UNHEALTHY" and (ready > wanted or dep_status == "DOWNSCALING" or "stopping" in workers):
-        return "scaling", f"scaling down to {wanted} workers"
-    if ready >= wanted and app_status in ("RUNNING", "DEPLOYING"):
-        return "ready", message
-    return "degraded", message
-
-
 def status(name: str, *, ray_address: str | None = None, with_metrics: bool = False) -> DeploymentStatus:
     """The state of one deployment, read from the cluster; with its workers' request figures if asked."""
     connect(ray_address, embedded_ok=False)
     app = serve_details().get("applications", {}).get(name)
-    found = _to_status(name, app)
+    found = to_status(name, app)
     if not with_metrics or found.state == "stopped":
         return found
-    replicas = [r.get("replica_id", "") for r in _ours(app).get("replicas", []) if r.get("state") == "RUNNING"]
+    replicas = [r.get("replica_id", "") for r in ours(app).get("replicas", []) if r.get("state") == "RUNNING"]
     return replace(found, metrics=metrics.combine(metrics.read(name, replicas), metrics.read_outstanding(name)))
 
 
@@ -102,12 +55,6 @@ def list_deployments(*, ray_address: str | None = None) -> StatusTable:
     """Every byzer_magic deployment on the cluster, whoever deployed it."""
     connect(ray_address, embedded_ok=False)
     return table_of(serve_details())
-
-
-def table_of(details: dict[str, Any]) -> StatusTable:
-    """Our deployments among the applications of Serve's details."""
-    apps = details.get("applications", {})
-    return StatusTable(tuple(_to_status(n, a) for n, a in sorted(apps.items()) if _ours(a)))
 
 
 def require(name: str, *, ray_address: str | None = None, with_metrics: bool = False) -> DeploymentStatus:
@@ -179,7 +126,7 @@ def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> Deployme
     nodes = placement.hosts(spec.cpus_per_worker, spec.gpus_per_worker, spec.resources)
     if spec.model_path:
         placement.check_model_path(spec.model_path, spec.backend, nodes)
-    existing = _to_status(spec.name, app)
+    existing = to_status(spec.name, app)
     if existing.state != "stopped":
         if not spec.force:
             raise DeployError(
@@ -203,7 +150,7 @@ def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> Deployme
 
 def _refuse_foreign(name: str, app: dict[str, Any] | None) -> None:
     """A Serve application that byzer_magic did not deploy is never replaced, --force or not."""
-    if app is not None and _ours(app) is None:
+    if app is not None and ours(app) is None:
         raise DeployError(
             f"a Serve application named {name!r} runs on this cluster and was not deployed by byzer_magic; it is "
             f"left alone: pick another --model"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from byzer_magic import deploy, scaling
+from byzer_magic import deploy, scaling, serve_status
 from byzer_magic.errors import SpecError
 from byzer_magic.spec import parse_args
 from byzer_magic.status import DeploymentStatus
@@ -80,16 +80,16 @@ def _app(dep_status: str, target: int, states: list[str], autoscaling: dict | No
 
 
 def test_a_scale_under_way_reads_scaling_not_degraded_or_ready():
-    up = deploy._to_status("m", _app("UPSCALING", 3, ["RUNNING", "RUNNING", "STARTING"]))
+    up = serve_status.to_status("m", _app("UPSCALING", 3, ["RUNNING", "RUNNING", "STARTING"]))
     assert up.state == "scaling" and up.line() == "m: scaling, 2/3 workers, saas tiny (scaling up to 3 workers)"
-    down = deploy._to_status("m", _app("DOWNSCALING", 1, ["RUNNING", "RUNNING", "RUNNING"]))
-    assert down.state == "scaling" and "scaling down to 1 workers" in down.line()
-    dead = deploy._to_status("m", _app("UNHEALTHY", 3, ["RUNNING", "RUNNING", "STARTING"]))
+    down = serve_status.to_status("m", _app("DOWNSCALING", 1, ["RUNNING", "RUNNING", "RUNNING"]))
+    assert down.state == "scaling" and "scaling down to 1 worker)" in down.line()
+    dead = serve_status.to_status("m", _app("UNHEALTHY", 3, ["RUNNING", "RUNNING", "STARTING"]))
     assert dead.state == "degraded"
 
 
 def test_an_autoscaling_status_shows_its_range_and_count_and_the_nodes():
-    ranged = deploy._to_status("m", _app("HEALTHY", 3, ["RUNNING"] * 3, {"min_replicas": 1, "max_replicas": 4}))
+    ranged = serve_status.to_status("m", _app("HEALTHY", 3, ["RUNNING"] * 3, {"min_replicas": 1, "max_replicas": 4}))
     assert ranged.line() == "m: ready, autoscaling 1..4, now 3, saas tiny"
     assert "workers on nodes: 00000000 (10.0.0.1): 1, 00000001 (10.0.0.1): 1" in repr(ranged)
 
