@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import metrics, placement, scaling
-from .raydoor import (can_scale_in_place, deployed, deployment_options, pinned, serve_details, set_workers,
+from .raydoor import (deployed, deployment_options, pinned, serve_details, set_workers,
                       start_app)
 from .cluster import connect, worker_runtime_env
 from .errors import DeployError, NotDeployedError, SpecError, redact
@@ -203,7 +203,8 @@ def scale(
         placement.check_room(extra, per_worker.get("cpus_per_worker") or 0, per_worker.get("gpus_per_worker") or 0,
                              per_worker.get("resources") or {})
         _check_memory(extra, current.metrics.get("largest_worker_bytes") or 0)
-    if isinstance(workers, int) and current.max_workers is None and can_scale_in_place():
+    if isinstance(workers, int) and current.max_workers is None:
+        # Serve's external scaler: on a Ray without it, set_workers says how to redeploy instead.
         set_workers(name, WORKER_NAME, workers)
         undo: Callable[[], None] = lambda: set_workers(name, WORKER_NAME, current.workers_wanted)
         before = f"{current.workers_wanted} workers"
