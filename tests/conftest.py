@@ -264,7 +264,8 @@ def _start_node(layout: dict, head: str | None, temp_dir: str | None = None, por
 
 def node_count(address: str) -> int:
     """Alive nodes, asked of the cluster by a short driver process (pytest's own is joined to `ray_head`)."""
-    code = "import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); print(len([n for n in ray.nodes() if n['Alive']]))"
+    code = ("import ray, sys; from byzer_magic import raydoor; raydoor.use_token_if_present(); "
+            "ray.init(address=sys.argv[1], logging_level='ERROR'); print(len([n for n in ray.nodes() if n['Alive']]))")
     done = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=120)
     return int(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 and done.stdout.strip() else -1
 
