@@ -224,7 +224,17 @@ class Nodes:
 
     def join(self, name: str) -> None:
         hide = self.hidden if name == "b2" else None
-        self.procs[name] = _start_node(NODE_LAYOUT[name], self.address, hide=hide)
+        self.procs[name] = _start_node(NODE_LAYOUT[name], self.address, hide=hide, log=self.log(name))
+
+    def log(self, name: str) -> Path:
+        return Path(self.temp_dir) / f"node-{name}.log"
+
+    def why_not(self) -> str:
+        """Each node's exit status and last output, and what a driver said, for a fixture that did not come up."""
+        parts = [f"{name}: {'running' if proc.poll() is None else f'exited {proc.returncode}'}, "
+                 f"{self.log(name).read_text()[-600:] if self.log(name).exists() else ''}"
+                 for name, proc in self.procs.items()]
+        return "; ".join(parts) + f"; a driver: {node_count(self.address, verbose=True)}"
 
 
 NODE_LAYOUT = {
@@ -245,7 +255,7 @@ def _node_ports() -> list[str]:
 
 
 def _start_node(layout: dict, head: str | None, temp_dir: str | None = None, port: int | None = None,
-                hide: Path | None = None) -> subprocess.Popen:
+                hide: Path | None = None, log: Path | None = None) -> subprocess.Popen:
     cmd = ["ray", "start", "--block", f"--num-cpus={layout['num_cpus']}", "--num-gpus=0",
            f"--resources={json.dumps(layout['resources'])}", "--disable-usage-stats", *_node_ports()]
     if head is None:
@@ -259,14 +269,17 @@ def _start_node(layout: dict, head: str | None, temp_dir: str | None = None, por
                f"mount -t tmpfs none {shlex.quote(str(hide))} && exec {shlex.join(cmd)}"]
     env = {**os.environ, **_FAST_NODE_DEATH}
     env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - the node writes it for as long as it runs
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
 
-def node_count(address: str) -> int:
+def node_count(address: str, verbose: bool = False):
     """Alive nodes, asked of the cluster by a short driver process (pytest's own is joined to `ray_head`)."""
     code = ("import ray, sys; from byzer_magic import raydoor; raydoor.use_token_if_present(); "
             "ray.init(address=sys.argv[1], logging_level='ERROR'); print(len([n for n in ray.nodes() if n['Alive']]))")
     done = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=120)
+    if verbose:
+        return f"exit {done.returncode}: {(done.stdout + done.stderr)[-800:]}"
     return int(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 and done.stdout.strip() else -1
 
 
@@ -276,7 +289,8 @@ def three_nodes():
     port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="bzn", dir="/tmp")
     address = f"127.0.0.1:{port}"
-    nodes = Nodes(address, temp_dir, {"head": _start_node(NODE_LAYOUT["head"], None, temp_dir, port)})
+    nodes = Nodes(address, temp_dir, {})
+    nodes.procs["head"] = _start_node(NODE_LAYOUT["head"], None, temp_dir, port, log=nodes.log("head"))
     hidden = Path(tempfile.mkdtemp(prefix="bzn-hidden", dir="/tmp"))
     if _can_unshare(hidden):
         nodes.hidden = hidden
@@ -284,7 +298,10 @@ def three_nodes():
         wait_until(lambda: _answers(port), 60, "the head node")
         for name in ("b1", "b2"):
             nodes.join(name)
-        wait_until(lambda: node_count(address) == 3, 120, "three nodes")
+        try:
+            wait_until(lambda: node_count(address) == 3, 120, "three nodes")
+        except TimeoutError:
+            raise TimeoutError(f"three nodes not up after 120 s: {nodes.why_not()}") from None
         yield nodes
     finally:
         for proc in list(nodes.procs.values())[::-1]:
