@@ -269,6 +269,9 @@ def _start_node(layout: dict, head: str | None, temp_dir: str | None = None, por
                f"mount -t tmpfs none {shlex.quote(str(hide))} && exec {shlex.join(cmd)}"]
     env = {**os.environ, **_FAST_NODE_DEATH}
     env.pop("RAY_ADDRESS", None)
+    if head is not None and (Path.home() / ".ray" / "auth_token").exists():
+        # A joining node sends the cluster's token only in token mode ("InvalidAuthToken" without it, Ray 2.60).
+        env.setdefault("RAY_AUTH_MODE", "token")
     out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - the node writes it for as long as it runs
     return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
