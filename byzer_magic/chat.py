@@ -19,7 +19,7 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Iterator, TextIO, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, TextIO, TypeVar
 
 from . import metrics
 from .backends.base import Delta, Embeddings, GenParams, Messages
@@ -260,11 +260,13 @@ def messages_for(prompt: str | Messages, system: str | None = None) -> Messages:
     return messages
 
 
-def stream(name: str, messages: Messages, gen: GenParams | None = None) -> Iterator[Delta]:
+def stream(name: str, messages: Messages, gen: GenParams | None = None, *,
+           on_slow_start: Callable[[], None] | None = None) -> Iterator[Delta]:
     """Sync streaming: deltas arrive as the worker produces them.
 
     Stopping early (break, KeyboardInterrupt) cancels the request, which the
-    worker passes on to its backend.
+    worker passes on to its backend. `on_slow_start` is called once if the
+    first delta takes longer than SLOW_START_S (a worker may be starting).
     """
     out: queue.SimpleQueue = queue.SimpleQueue()  # C-level: it wakes the waiting thread sooner than queue.Queue
     done = object()
@@ -280,7 +282,16 @@ def stream(name: str, messages: Messages, gen: GenParams | None = None) -> Itera
 
     task: concurrent.futures.Future = asyncio.run_coroutine_threadsafe(pump(), client_loop())
     try:
-        while (item := out.get()) is not done:
+        waiting = on_slow_start
+        while True:
+            try:
+                item = out.get(timeout=SLOW_START_S) if waiting else out.get()
+            except queue.Empty:
+                waiting()  # type: ignore[misc]
+                item = out.get()
+            waiting = None
+            if item is done:
+                break
             if isinstance(item, BaseException):
                 raise item
             yield item
@@ -301,9 +312,26 @@ def echo(name: str, messages: Messages, gen: GenParams | None = None, out: TextI
     """
     out = out or sys.stdout
     deltas = []
-    for delta in stream(name, messages, gen):
+    for delta in stream(name, messages, gen, on_slow_start=lambda: _say_if_waking(name, out)):
         deltas.append(delta)
         out.write(delta.text)
         out.flush()
     out.write("\n")
     return ChatResult.of(deltas)
+
+
+SLOW_START_S = 1.0
+
+
+def _say_if_waking(name: str, out: TextIO) -> None:
+    """A deployment autoscaled to zero answers once a worker starts: say so instead of looking hung."""
+    from .deploy import status
+
+    try:
+        now = status(name)
+    except ByzerError:
+        return
+    if now.max_workers is not None and now.workers_ready == 0:
+        out.write(f"(waking a worker of {name!r}: autoscaling had stopped them all while it was idle; "
+                  f"the answer follows once it is up)\n")
+        out.flush()

@@ -24,7 +24,7 @@ COMMANDS = {
     "undeploy": "stop a deployment: byzer-magic undeploy NAME",
     "list": "list the deployments on the cluster",
     "stat": "show one deployment: byzer-magic stat NAME",
-    "scale": "change the number of workers: byzer-magic scale NAME N",
+    "scale": "change the number of workers: byzer-magic scale NAME N, or the autoscaling range: NAME MIN..MAX",
     "chat": "ask a deployment: byzer-magic chat NAME PROMPT... (see `byzer-magic chat --help`)",
     "embed": "embed texts, one JSON vector per line: byzer-magic embed NAME TEXT...",
     "bench": "load a deployment at rising concurrency: byzer-magic bench NAME (see `byzer-magic bench --help`)",
@@ -52,7 +52,7 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
         if name != "list":
             cmd.add_argument("name")
         if name == "scale":
-            cmd.add_argument("workers", type=int)
+            cmd.add_argument("workers", help="a count (3), or MIN..MAX for autoscaling (2..6)")
         if name == "chat":
             cmd.add_argument("prompt", nargs="+")
             if command == "chat":
@@ -152,7 +152,9 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "stat":
         _say(repr(deploy_api.require(args.name, ray_address=where, with_metrics=True)))
     elif args.command == "scale":
-        _say(deploy_api.scale(args.name, args.workers, ray_address=where))
+        from .scaling import parse_target
+
+        _say(deploy_api.scale(args.name, parse_target(args.workers), ray_address=where))
     elif args.command == "undeploy":
         deploy_api.undeploy(args.name, ray_address=where)
         _say(f"{args.name} undeployed")

@@ -10,13 +10,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from . import metrics, records
+from . import metrics, placement, records, scaling
 from .raydoor import (
-    app_status, deployment_options, reason_in, serve_details, set_workers, setup_hook_env, start_app,
+    app_status, deployed, deployment_options, pinned, reason_in, serve_details, set_workers, setup_hook_env, start_app,
 )
 from .cluster import connect, worker_runtime_env
 from .errors import DeployError, NotDeployedError, SpecError, redact
 from .spec import MAX_WORKERS, DeploySpec
+from .serve_status import ours, table_of, to_status
 from .status import DeploymentStatus, StatusTable
 from .worker import PRELOAD_ENV, WORKER_NAME, Worker
 
@@ -42,65 +43,14 @@ def preflight(spec: DeploySpec) -> None:
         raise DeployError(f"--model_path {spec.model_path}: {problem}")
 
 
-def _check_resources(workers: int, cpus: float, gpus: float) -> None:
-    """Refuse what the cluster cannot place, instead of waiting on it forever."""
-    import ray
-
-    total, free = ray.cluster_resources(), ray.available_resources()
-    for flag, key, per in (("--cpus_per_worker", "CPU", cpus), ("--gpus_per_worker", "GPU", gpus)):
-        need = per * workers
-        if need > total.get(key, 0) + 1e-9:
-            raise DeployError(
-                f"{workers} workers x {flag} {per:g} need {need:g} {key}s; the cluster has "
-                f"{total.get(key, 0):g} in all. Ask for fewer workers or a smaller {flag}."
-            )
-        if need > free.get(key, 0) + 1e-9:
-            raise DeployError(
-                f"{workers} workers x {flag} {per:g} need {need:g} {key}s; only {free.get(key, 0):g} "
-                f"are free (other deployments hold the rest: see %byzer_list)."
-            )
-
-
-def _ours(app: dict[str, Any]) -> dict[str, Any] | None:
-    """The worker deployment of a Serve app, if the app is one of ours."""
-    return app.get("deployments", {}).get(WORKER_NAME)
-
-
-def _to_status(name: str, app: dict[str, Any] | None) -> DeploymentStatus:
-    if app is None or _ours(app) is None:
-        return DeploymentStatus(name, "stopped")
-    dep = _ours(app)
-    config = dep.get("deployment_config", {})
-    replicas = dep.get("replicas", [])
-    ready = sum(r.get("state") == "RUNNING" for r in replicas)
-    wanted = int(dep.get("target_num_replicas", config.get("num_replicas", 0)) or 0)
-    app_status = app.get("status", "")
-    workers = tuple(str(getattr(r.get("state"), "value", r.get("state", "?"))).lower() for r in replicas)
-    # A worker starting after a scale-up is progress; one starting to replace a dead worker
-    # (Serve marks the deployment UNHEALTHY) leaves the deployment degraded until it is up.
-    starting = dep.get("status") != "UNHEALTHY" and any(w in ("starting", "updating", "recovering") for w in workers)
-    if app_status == "DEPLOY_FAILED":
-        state = "failed"
-    elif app_status == "DELETING":
-        state = "stopped"
-    elif app_status == "DEPLOYING" or (ready < wanted and (dep.get("status") == "UPSCALING" or starting)):
-        state = "deploying"
-    elif ready >= wanted and app_status == "RUNNING":
-        state = "ready"
-    else:
-        state = "degraded"
-    message = reason_in(dep.get("message") or app.get("message") or "")
-    return DeploymentStatus(name, state, ready, wanted, message, dict(config.get("user_config") or {}), workers)
-
-
 def status(name: str, *, ray_address: str | None = None, with_metrics: bool = False) -> DeploymentStatus:
     """The state of one deployment, read from the cluster; with its workers' request figures if asked."""
     connect(ray_address, embedded_ok=False)
     app = serve_details().get("applications", {}).get(name)
-    found = _to_status(name, app)
+    found = to_status(name, app)
     if not with_metrics or found.state == "stopped":
         return found
-    replicas = [r.get("replica_id", "") for r in _ours(app).get("replicas", []) if r.get("state") == "RUNNING"]
+    replicas = [r.get("replica_id", "") for r in ours(app).get("replicas", []) if r.get("state") == "RUNNING"]
     return replace(found, metrics=metrics.combine(metrics.read(name, replicas), metrics.read_outstanding(name)))
 
 
@@ -108,12 +58,6 @@ def list_deployments(*, ray_address: str | None = None) -> StatusTable:
     """Every byzer_magic deployment on the cluster, whoever deployed it."""
     connect(ray_address, embedded_ok=False)
     return table_of(serve_details())
-
-
-def table_of(details: dict[str, Any]) -> StatusTable:
-    """Our deployments among the applications of Serve's details."""
-    apps = details.get("applications", {})
-    return StatusTable(tuple(_to_status(n, a) for n, a in sorted(apps.items()) if _ours(a)))
 
 
 def require(name: str, *, ray_address: str | None = None, with_metrics: bool = False) -> DeploymentStatus:
@@ -140,20 +84,25 @@ def _runtime_env(spec: DeploySpec) -> dict[str, Any]:
     return {**env, "env_vars": {**env.get("env_vars", {}), **hook, PRELOAD_ENV: ",".join(modules)}}
 
 
-def worker_options(spec: DeploySpec) -> dict[str, Any]:
-    """Serve's deployment options for the spec's workers: replicas, resources, concurrency, health checks."""
+def worker_options(spec: DeploySpec, *, deployed_at: int | None = None) -> dict[str, Any]:
+    """Serve's deployment options for the spec's workers: count or autoscaling, placement, concurrency, health checks."""
+    autoscaling = scaling.autoscaling_config(spec)
+    count = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": spec.num_workers}
+    placed = {"max_replicas_per_node": spec.max_workers_per_node} if spec.max_workers_per_node else {}
     return dict(
-        num_replicas=spec.num_workers,
+        **count,
+        **placed,
         max_ongoing_requests=spec.worker_concurrency,
         max_queued_requests=spec.max_queued_requests,
         ray_actor_options={
             "num_cpus": spec.cpus_per_worker,
             "num_gpus": spec.gpus_per_worker,
+            **({"resources": dict(spec.resources)} if spec.resources else {}),
             "runtime_env": _runtime_env(spec),
         },
-        user_config={**spec.describe(), "deployed_at": int(time.time())},
+        user_config={**spec.describe(), "deployed_at": deployed_at or int(time.time())},
         max_constructor_retry_count=1,
-        graceful_shutdown_timeout_s=30,
+        graceful_shutdown_timeout_s=scaling.shutdown_timeout(spec),
         graceful_shutdown_wait_loop_s=0.2,
         health_check_period_s=2,
         health_check_timeout_s=10,
@@ -161,10 +110,25 @@ def worker_options(spec: DeploySpec) -> dict[str, Any]:
     )
 
 
-def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> DeploymentStatus:
-    """Start `spec.num_workers` workers and wait until all are ready.
+def _app(spec: DeploySpec, **kept: Any) -> Any:
+    """The Serve application of a spec; `kept` (version, actor options, deployed_at) makes a redeploy in place."""
+    from ray import serve
 
-    On any failure, timeout or interrupt the application is deleted again, so
+    options = worker_options(spec, deployed_at=kept.get("deployed_at"))
+    if kept.get("actor_options"):
+        options["ray_actor_options"] = kept["actor_options"]
+    deployment = serve.deployment(Worker, name=WORKER_NAME).options(**deployment_options(options))
+    if kept.get("version"):
+        deployment = pinned(deployment, kept["version"])
+    return deployment.bind(spec)
+
+
+def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> DeploymentStatus:
+    """Start the spec's workers (a fixed count, or autoscaling's first ones) and wait until they are ready.
+
+    What the cluster cannot give (a resource no node has, a model path missing
+    on a node that could host a worker) is refused before anything starts. On
+    any failure, timeout or interrupt the application is deleted again, so
     nothing is left half-deployed, and the worker's own reason is raised.
     """
     from ray import serve
@@ -176,7 +140,10 @@ def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> Deployme
     address = connect(spec.ray_address)
     app = serve_details().get("applications", {}).get(spec.name)
     _refuse_foreign(spec.name, app)
-    existing = _to_status(spec.name, app)
+    nodes = placement.hosts(spec.cpus_per_worker, spec.gpus_per_worker, spec.resources)
+    if spec.model_path:
+        placement.check_model_path(spec.model_path, spec.backend, nodes)
+    existing = to_status(spec.name, app)
     if existing.state != "stopped":
         if not spec.force:
             raise DeployError(
@@ -184,13 +151,13 @@ def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> Deployme
                 f"remove it with %byzer_undeploy {spec.name}, or add --force to replace it."
             )
         serve.delete(spec.name)
-    _check_resources(spec.num_workers, spec.cpus_per_worker, spec.gpus_per_worker)
-
-    app = serve.deployment(Worker, name=WORKER_NAME).options(**deployment_options(worker_options(spec))).bind(spec)
+    first = scaling.first_workers(spec)
+    placement.check_room(first, spec.cpus_per_worker, spec.gpus_per_worker, spec.resources)
     deadline = time.monotonic() + spec.deploy_timeout
     try:
-        start_app(app, spec.name, scalable=True)
-        ready = _wait(spec.name, spec.num_workers, deadline, on_progress, "--deploy_timeout")
+        start_app(_app(spec), spec.name, scalable=not spec.autoscaling)
+        bounds = (spec.min_workers, spec.max_workers) if spec.autoscaling else None
+        ready = _wait(spec.name, first, deadline, on_progress, "--deploy_timeout", bounds=bounds)  # type: ignore[arg-type]
         records.save(spec, address)
         return ready
     except BaseException as exc:
@@ -202,20 +169,22 @@ def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> Deployme
 
 def _refuse_foreign(name: str, app: dict[str, Any] | None) -> None:
     """A Serve application that byzer_magic did not deploy is never replaced, --force or not."""
-    if app is not None and _ours(app) is None:
+    if app is not None and ours(app) is None:
         raise DeployError(
             f"a Serve application named {name!r} runs on this cluster and was not deployed by byzer_magic; it is "
             f"left alone: pick another --model"
         )
 
 
-def _wait(name: str, workers: int, deadline: float, on_progress: Progress | None, timeout_flag: str) -> DeploymentStatus:
-    """Poll until the workers are ready; Serve's whole details only when they can say something new.
+def _wait(name: str, workers: int, deadline: float, on_progress: Progress | None, timeout_flag: str,
+          *, bounds: tuple[int, int] | None = None) -> DeploymentStatus:
+    """Until `workers` are ready: exactly that many for a fixed count, at least that many within autoscaling `bounds`.
 
     While the application is DEPLOYING nothing in the details can finish the
     wait, so its bare status is polled (cheap for the controller), and the
     details are read only every PROGRESS_S for on_progress.
     """
+    exact = bounds is None
     last = None
     details_due = 0.0
     while True:
@@ -230,8 +199,11 @@ def _wait(name: str, workers: int, deadline: float, on_progress: Progress | None
         last = current
         if current.state == "failed":
             raise DeployError(f"deploying {name!r} failed: {current.message}")
-        if (current.state == "ready" and current.workers_ready == workers == current.workers_wanted
-                and len(current.workers) == workers):
+        if exact and (current.state == "ready" and current.workers_ready == workers == current.workers_wanted
+                      and len(current.workers) == workers and current.max_workers is None):
+            return current
+        if (not exact and current.state in ("ready", "scaling") and current.workers_ready >= workers
+                and (current.min_workers, current.max_workers) == bounds):
             return current
         if time.monotonic() > deadline:
             raise DeployError(
@@ -243,33 +215,65 @@ def _wait(name: str, workers: int, deadline: float, on_progress: Progress | None
 
 def scale(
     name: str,
-    workers: int,
+    workers: int | tuple[int, int],
     *,
     timeout: float = 300.0,
     ray_address: str | None = None,
     on_progress: Progress | None = None,
 ) -> DeploymentStatus:
-    """Change the number of workers in place; requests keep flowing meanwhile."""
-    if not 0 <= workers <= MAX_WORKERS:
+    """Change the worker count, or the autoscaling range (a (min, max) pair), in place; requests keep flowing."""
+    if isinstance(workers, int) and not 0 <= workers <= MAX_WORKERS:
         raise SpecError(f"cannot scale to {workers} workers: use 0 to {MAX_WORKERS} (0 keeps the deployment "
                           f"but gives its CPUs and GPUs back)")
     current = require(name, ray_address=ray_address, with_metrics=True)
-    extra = max(0, workers - current.workers_wanted)
+    first = workers if isinstance(workers, int) else workers[0]
+    extra = max(0, first - current.workers_wanted)
     if extra:
         per_worker = current.details
-        _check_resources(extra, per_worker.get("cpus_per_worker") or 0, per_worker.get("gpus_per_worker") or 0)
+        placement.check_room(extra, per_worker.get("cpus_per_worker") or 0, per_worker.get("gpus_per_worker") or 0,
+                             per_worker.get("resources") or {})
         _check_memory(extra, current.metrics.get("largest_worker_bytes") or 0)
-    set_workers(name, WORKER_NAME, workers)
-    records.update(name, num_workers=workers)
+    if isinstance(workers, int) and current.max_workers is None:
+        # Serve's external scaler: on a Ray without it, set_workers says how to redeploy instead.
+        set_workers(name, WORKER_NAME, workers)
+        undo: Callable[[], None] = lambda: set_workers(name, WORKER_NAME, current.workers_wanted)
+        before = f"{current.workers_wanted} workers"
+    else:
+        undo = _rebound(name, workers)
+        before = f"{current.range_text()} workers"
+    _record_workers(name, workers)
     try:
-        return _wait(name, workers, time.monotonic() + timeout, on_progress, "the scale timeout")
+        return _wait(name, first, time.monotonic() + timeout, on_progress, "the scale timeout",
+                     bounds=None if isinstance(workers, int) else workers)
     except (DeployError, KeyboardInterrupt) as exc:
-        # A scale that cannot finish goes back to the count before it, instead of leaving Serve adding workers.
-        set_workers(name, WORKER_NAME, current.workers_wanted)
-        records.update(name, num_workers=current.workers_wanted)
+        # A scale that cannot finish goes back to where it was, instead of leaving Serve adding workers.
+        undo()
+        _record_workers(name, (current.min_workers, current.max_workers) if current.max_workers is not None
+                        else current.workers_wanted)
         if isinstance(exc, KeyboardInterrupt):
             raise
-        raise DeployError(f"{exc}; scaled back to {current.workers_wanted} workers") from None
+        raise DeployError(f"{exc}; scaled back to {before}") from None
+
+
+def _rebound(name: str, workers: int | tuple[int, int]) -> Callable[[], None]:
+    """Redeploy with a new count or range, keeping the code version and actor options, so no worker restarts.
+
+    The spec is read back from the cluster, so any kernel can do it; returns how to undo it.
+    """
+    args, version, actor_options = deployed(name, WORKER_NAME)
+    spec: DeploySpec = args[0]
+    deployed_at = int(status(name).details.get("deployed_at") or 0) or None
+    if isinstance(workers, tuple):
+        new = replace(spec, min_workers=workers[0], max_workers=workers[1])
+    else:
+        new = replace(spec, num_workers=workers, min_workers=None, max_workers=None)
+
+    def apply(target: DeploySpec) -> None:
+        app = _app(target, version=version, actor_options=actor_options, deployed_at=deployed_at)
+        start_app(app, name, scalable=not target.autoscaling)
+
+    apply(new)
+    return lambda: apply(spec)
 
 
 def _check_memory(extra: int, per_worker: int) -> None:

@@ -126,9 +126,26 @@ def read_flags(argv: list[str], env: Mapping[str, str]) -> Flags:
         if not sep or not key:
             raise SpecError(f"--infer_params takes key=value pairs, got {token!r}")
         flags.infer_params[key.strip()] = _expand(value, env, f"--infer_params {key}")
+    if "resources" in given:
+        flags.values["resources"] = {**flags.values.get("resources", {}), **_resources(given.pop("resources"))}
     for key, value in given.items():
         flags.values[key] = _expand(value, env, f"--{key}") if isinstance(value, str) else value
     return flags
+
+
+def _resources(tokens: list[str]) -> dict[str, float]:
+    """`--resources name=amount ...` as a mapping; each amount a number."""
+    found = {}
+    for token in tokens:
+        name, sep, amount = token.partition("=")
+        try:
+            found[name.strip()] = float(amount)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise SpecError(f"--resources takes name=amount pairs with a number, e.g. --resources accel_a10=1; "
+                            f"got {token!r}")
+    return found
 
 
 def _unknown_flag_message(token: str, names: Iterable[str] = tuple(DeployFlags.model_fields)) -> str:

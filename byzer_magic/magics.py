@@ -29,6 +29,7 @@ from .errors import ByzerError, SpecError
 from .flags import read_serve_flags
 from .option_args import arguments, check, fields, help_lines, kind_of, validated
 from .options import SERVE_DEFAULTS, BenchOptions, ChatOptions, DeployFlags, HistoryOptions, ServeFlags
+from .scaling import parse_target
 from .spec import parse_spec, settings_help
 from .status import DeploymentStatus
 from .widgets import StatusCard
@@ -166,14 +167,16 @@ class ByzerMagics(Magics, Configurable):
             use = f"embed with %byzer_embed {spec.name} TEXT" if spec.task == "embed" else f"chat with %byzer_chat {spec.name} ..."
             print(f"{spec.name} ready in {time.monotonic() - started:.1f} s: {use}")
             return result
-        card = self._card(DeploymentStatus(spec.name, "deploying", 0, spec.num_workers, "", spec.describe()))
+        card = self._card(DeploymentStatus(spec.name, "deploying", 0, spec.num_workers, "", spec.describe(),
+                                           min_workers=spec.min_workers, max_workers=spec.max_workers))
         display(card)
         try:
             ready = deploy_api.deploy(spec, on_progress=card.refresh)
             card.address = _ray_address()
             card.refresh(ready)
         except ByzerError as exc:
-            card.refresh(DeploymentStatus(spec.name, "failed", 0, spec.num_workers, str(exc), spec.describe()))
+            card.refresh(DeploymentStatus(spec.name, "failed", 0, spec.num_workers, str(exc), spec.describe(),
+                                          min_workers=spec.min_workers, max_workers=spec.max_workers))
             raise
         card.start_updates()
         return None
@@ -373,11 +376,13 @@ class ByzerMagics(Magics, Configurable):
     @line_magic
     @_friendly
     def byzer_scale(self, line: str) -> DeploymentStatus:
-        """Change a deployment's number of workers in place: `%byzer_scale my_chat 3`."""
+        """Change a deployment's workers in place: `%byzer_scale my_chat 3` fixes the count at 3,
+        `%byzer_scale my_chat 2..6` lets autoscaling keep it between 2 and 6."""
         parts = line.split()
-        if len(parts) != 2 or not parts[1].isdigit():
-            raise UsageError("usage: %byzer_scale NAME WORKERS, e.g. %byzer_scale my_chat 3")
-        return deploy_api.scale(parts[0], int(parts[1]), ray_address=self.ray_address, on_progress=self._progress)
+        if len(parts) != 2:
+            raise UsageError("usage: %byzer_scale NAME WORKERS or NAME MIN..MAX, e.g. %byzer_scale my_chat 3")
+        target = parse_target(parts[1])
+        return deploy_api.scale(parts[0], target, ray_address=self.ray_address, on_progress=self._progress)
 
     @line_magic
     @_friendly

@@ -44,6 +44,26 @@ class DeployFlags(BaseModel):
     infer_backend: str | None = Field(None, description=backends.infer_backend_help())
     model_path: str | None = Field(None, description=backends.model_path_help())
     num_workers: int = Field(1, ge=1, le=MAX_WORKERS, description="workers, i.e. Ray Serve replicas")
+    min_workers: int | None = Field(
+        None, ge=0, le=MAX_WORKERS, description="fewest workers when autoscaling (with --max_workers); 0 frees every "
+                                                "CPU and GPU when idle, and the next request waits for a worker to start")
+    max_workers: int | None = Field(
+        None, ge=1, le=MAX_WORKERS, description="most workers when autoscaling: Serve adds workers under load up to "
+                                                "this and removes them when idle (--min_workers defaults to 1)")
+    target_ongoing_requests: float | None = Field(
+        None, gt=0, description="requests per worker that autoscaling aims for; default: --worker_concurrency "
+                                "(80% of it above 1)")
+    upscale_delay_s: float = Field(30.0, ge=0, description="seconds the load must stay high before autoscaling adds "
+                                                           "a worker (Serve's default)", json_schema_extra={"unit": "seconds"})
+    downscale_delay_s: float = Field(600.0, ge=0, description="seconds the load must stay low before autoscaling "
+                                                              "removes a worker (Serve's default)",
+                                     json_schema_extra={"unit": "seconds"})
+    max_workers_per_node: int | None = Field(
+        None, ge=1, description="most workers of this deployment on one Ray node (Serve's max_replicas_per_node): "
+                                "1 spreads them so one node's death costs one worker")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each worker asks for (an accelerator type, a node "
+                                          "label), name=amount; workers land only on nodes that have them")
     worker_concurrency: int | None = Field(
         None, ge=1, description="requests one worker takes at once; default: the backend's (1, more for a batching engine)")
     max_queued_requests: int = Field(

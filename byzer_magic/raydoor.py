@@ -233,6 +233,35 @@ def set_workers(app: str, deployment: str, workers: int) -> None:
     ray.get(_controller().update_deployment_replicas.remote(deployment_id, workers))
 
 
+def deployed(app: str, deployment: str) -> tuple[tuple, str, dict[str, Any]]:
+    """What a deployment runs with now: its constructor's arguments, its code version and its actor options.
+
+    Redeploying with the same version and actor options changes only what
+    differs (a worker count, an autoscaling range) without restarting a
+    worker, from any process: the spec is read back from the cluster, so a
+    kernel that did not deploy it can rescale it.
+    """
+    import ray
+
+    route_class = _private("ray.serve.generated.serve_pb2", "DeploymentRoute")
+    info_class = _private("ray.serve._private.deployment_info", "DeploymentInfo")
+    raw = ray.get(_controller().get_deployment_info.remote(deployment, app))
+    info = info_class.from_proto(route_class.FromString(raw).deployment_info)
+    replica = info.replica_config
+    return tuple(replica.init_args), info.version, dict(replica.ray_actor_options or {})
+
+
+def pinned(deployment: Any, version: str) -> Any:
+    """The deployment with its code version fixed, so Serve sees a redeploy as a change of options only.
+
+    Serve took `version` out of its public `options` (it still reads `_version` when deploying).
+    """
+    from ray import serve
+
+    internal = {"_internal": True} if "_internal" in inspect.signature(serve.Deployment.options).parameters else {}
+    return deployment.options(version=version, **internal)
+
+
 def _kv(name: str) -> Any:
     """One of the GCS key-value store's functions, which Ray names as private."""
     return _private("ray.experimental.internal_kv", f"_internal_kv_{name}")

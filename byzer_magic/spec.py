@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import SecretStr, ValidationError
 
-from . import backends
+from . import backends, scaling
 from .backends import EMBEDDING_TYPES
 from .backends.base import Backend, BackendSettings, Context
 from .errors import SpecError, redact
@@ -53,6 +53,18 @@ class DeploySpec:
     max_queued_requests: int = default_of(DeployFlags, "max_queued_requests")
     secret_refs: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     """Secret infer_params given by reference (`${VAR}`), as written: what `records` may keep of a secret."""
+    min_workers: int | None = None
+    max_workers: int | None = None
+    """A range for Serve's autoscaler; None: `num_workers` is a fixed count."""
+    target_ongoing_requests: float | None = None
+    upscale_delay_s: float = default_of(DeployFlags, "upscale_delay_s")
+    downscale_delay_s: float = default_of(DeployFlags, "downscale_delay_s")
+    max_workers_per_node: int | None = None
+    resources: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.max_workers is not None
 
     @property
     def backend_class(self) -> type[Backend]:
@@ -109,6 +121,10 @@ class DeploySpec:
             "task": self.task,
             "base_url": _masked("base_url", self.base_url),
             "num_workers": self.num_workers,
+            "min_workers": self.min_workers,
+            "max_workers": self.max_workers,
+            "max_workers_per_node": self.max_workers_per_node,
+            "resources": dict(self.resources),
             "worker_concurrency": self.worker_concurrency,
             "cpus_per_worker": self.cpus_per_worker,
             "gpus_per_worker": self.gpus_per_worker,
@@ -121,12 +137,16 @@ class DeploySpec:
         return (
             f"DeploySpec(name={self.name!r}, type={self.pretrained_model_type!r}, "
             f"backend={self.backend!r}, model_path={self.model_path!r}, "
-            f"num_workers={self.num_workers}, worker_concurrency={self.worker_concurrency}, "
+            f"workers={self.workers_text()}, worker_concurrency={self.worker_concurrency}, "
             f"cpus_per_worker={self.cpus_per_worker:g}, gpus_per_worker={self.gpus_per_worker:g}, "
             f"infer_params=[{params}])"
         )
 
     __str__ = __repr__
+
+    def workers_text(self) -> str:
+        """`2`, or `1..4` for an autoscaling range."""
+        return f"{self.min_workers}..{self.max_workers}" if self.autoscaling else str(self.num_workers)
 
 
 def _masked(key: str, value: Any) -> Any:
@@ -173,6 +193,8 @@ def _build(flags: Flags) -> DeploySpec:
     if gpu_problem:
         raise SpecError(gpu_problem)
     concurrency = f.worker_concurrency
+    low, high = scaling.check_flags(f)
+    scaling.check_resources(f.resources)
     return DeploySpec(
         name=f.model,
         pretrained_model_type=model_type,
@@ -188,6 +210,13 @@ def _build(flags: Flags) -> DeploySpec:
         force=f.force,
         deploy_timeout=f.deploy_timeout,
         max_queued_requests=f.max_queued_requests,
+        min_workers=low,
+        max_workers=high,
+        target_ongoing_requests=f.target_ongoing_requests,
+        upscale_delay_s=f.upscale_delay_s,
+        downscale_delay_s=f.downscale_delay_s,
+        max_workers_per_node=f.max_workers_per_node,
+        resources=dict(f.resources),
     )
 
 

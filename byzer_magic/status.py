@@ -17,6 +17,30 @@ class DeploymentStatus:
     workers: tuple[str, ...] = ()
     metrics: dict[str, Any] = field(default_factory=dict)
     """Serve's state of each worker, and `metrics.combine` of their request figures."""
+    nodes: tuple[str, ...] = ()
+    """The node each worker sits on, in the order of `workers`."""
+    min_workers: int | None = None
+    max_workers: int | None = None
+    """The autoscaling range; None for a fixed count."""
+
+    def range_text(self) -> str:
+        """`1..4` while autoscaling, else the fixed count."""
+        return f"{self.min_workers}..{self.max_workers}" if self.max_workers is not None else str(self.workers_wanted)
+
+    def workers_text(self) -> str:
+        """"2/3 workers", or "autoscaling 1..4, now 3" (", going to 4" while a scale runs)."""
+        if self.max_workers is None:
+            return f"{self.workers_ready}/{self.workers_wanted} workers"
+        text = f"autoscaling {self.range_text()}, now {self.workers_ready}"
+        return text + (f", going to {self.workers_wanted}" if self.workers_wanted != self.workers_ready else "")
+
+    def placement(self) -> str:
+        """Workers per node, "3f2a1b4c (10.0.0.5): 2, 9b0e77aa (10.0.0.6): 1"; '' before any is placed."""
+        counts: dict[str, int] = {}
+        for node in self.nodes:
+            if node and node != "?":
+                counts[node] = counts.get(node, 0) + 1
+        return ", ".join(f"{node}: {count}" for node, count in counts.items())
 
     def activity(self) -> str:
         """Requests at a glance: served, in flight, queued, tokens/s and median latency over the last minute."""
@@ -39,16 +63,15 @@ class DeploymentStatus:
         return str(self.details.get("model") or "?")
 
     def line(self) -> str:
-        text = (
-            f"{self.name}: {self.state}, {self.workers_ready}/{self.workers_wanted} workers, "
-            f"{self.backend} {self.model}"
-        )
+        text = f"{self.name}: {self.state}, {self.workers_text()}, {self.backend} {self.model}"
         return f"{text} ({self.message})" if self.message and self.state != "ready" else text
 
     def __repr__(self) -> str:
         """The line, then the request figures when they were read (a scale's answer has none)."""
         text = self.line()
-        if self.metrics and self.state in ("ready", "degraded"):
+        if self.placement():
+            text += f"\n  workers on nodes: {self.placement()}"
+        if self.metrics and self.state in ("ready", "degraded", "scaling"):
             text += f"\n  requests: {self.activity()}"
             if self.metrics.get("last_error"):
                 text += f"\n  last error: {self.metrics['last_error']}"
@@ -77,7 +100,7 @@ class StatusTable:
         body = "".join(
             "<tr>" + "".join(
                 f"<td>{escape(str(c))}</td>"
-                for c in (r.name, r.state, f"{r.workers_ready}/{r.workers_wanted}", r.backend, r.model, r.message)
+                for c in (r.name, r.state, r.workers_text(), r.backend, r.model, r.message)
             ) + "</tr>"
             for r in self.rows
         )

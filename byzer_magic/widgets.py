@@ -16,12 +16,13 @@ import ipywidgets as widgets
 from .status import DeploymentStatus
 
 Fetch = Callable[[str], DeploymentStatus]
-Scale = Callable[[str, int], DeploymentStatus]
+Scale = Callable[[str, "int | tuple[int, int]"], DeploymentStatus]
 Stop = Callable[[str], None]
 
 _COLORS = {
     "ready": "var(--jp-success-color1, #1a7f37)",
     "deploying": "var(--jp-warn-color1, #9a6700)",
+    "scaling": "var(--jp-warn-color1, #9a6700)",
     "degraded": "var(--jp-warn-color0, #bc4c00)",
     "failed": "var(--jp-error-color1, #cf222e)",
     "stopped": "var(--jp-ui-font-color2, #6e7781)",
@@ -56,8 +57,8 @@ class StatusCard(widgets.VBox):
         self.minus = widgets.Button(description="-", tooltip="one worker less", layout=widgets.Layout(width="3em"))
         self.plus = widgets.Button(description="+", tooltip="one worker more", layout=widgets.Layout(width="3em"))
         self.stop_button = widgets.Button(description="Stop", button_style="danger", tooltip="undeploy")
-        self.minus.on_click(lambda _: self._act(lambda: self._scale(self._name, self.status.workers_wanted - 1)))
-        self.plus.on_click(lambda _: self._act(lambda: self._scale(self._name, self.status.workers_wanted + 1)))
+        self.minus.on_click(lambda _: self._act(lambda: self._scale(self._name, self._step(-1))))
+        self.plus.on_click(lambda _: self._act(lambda: self._scale(self._name, self._step(+1))))
         self.stop_button.on_click(lambda _: self._act(self._stop))
         buttons = widgets.HBox([self.minus, self.plus, self.stop_button])
         super().__init__(
@@ -65,6 +66,14 @@ class StatusCard(widgets.VBox):
             layout=widgets.Layout(border="1px solid var(--jp-border-color1, #d0d7de)", padding="6px", width="fit-content"),
         )
         self.refresh(status)
+
+    def _step(self, by: int) -> int | tuple[int, int]:
+        """One worker more or less; while autoscaling, the range's top moves (the bottom follows it down)."""
+        status = self.status
+        if status.max_workers is None:
+            return status.workers_wanted + by
+        top = status.max_workers + by
+        return min(status.min_workers or 0, top), top
 
     def refresh(self, status: DeploymentStatus) -> None:
         """Draw a status; buttons follow the state (and stay off while an action runs).
@@ -80,21 +89,29 @@ class StatusCard(widgets.VBox):
             f"<b>{escape(status.name)}</b> &nbsp;<span style='color:{color}'>&#9679; {status.state}</span>"
         )
         details = status.details
-        workers = f"{status.workers_ready} ready / {status.workers_wanted} wanted"
+        if status.max_workers is None:
+            workers = f"{status.workers_ready} ready / {status.workers_wanted} wanted"
+        else:
+            workers = status.workers_text()
         if status.workers and any(w != "running" for w in status.workers):
             workers += " (" + ", ".join(status.workers) + ")"
-        rows = [
-            ("workers", workers),
+        rows = [("workers", workers)]
+        if status.state == "scaling" and status.message:
+            rows.append(("scaling", status.message))
+        if status.placement():
+            rows.append(("on nodes", status.placement()))
+        rows += [
             ("backend", f"{details.get('backend') or '?'} ({details.get('pretrained_model_type') or '?'})"),
             ("model", details.get("model") or "?"),
             ("per worker", f"{details.get('worker_concurrency', '?')} at once, "
-                           f"{details.get('cpus_per_worker', '?')} CPU, {details.get('gpus_per_worker', '?')} GPU"),
+                           f"{details.get('cpus_per_worker', '?')} CPU, {details.get('gpus_per_worker', '?')} GPU"
+                           + "".join(f", {v:g} {k}" for k, v in (details.get("resources") or {}).items())),
         ]
         if details.get("base_url"):
             rows.append(("endpoint", details["base_url"]))
         if self.address:
             rows.append(("ray", self.address))
-        if status.state in ("ready", "degraded"):
+        if status.state in ("ready", "degraded", "scaling"):
             rows.append(("requests", status.activity()))
         if status.metrics.get("last_error"):
             rows.append(("last error", status.metrics["last_error"]))
@@ -107,7 +124,8 @@ class StatusCard(widgets.VBox):
         )
         live = status.state not in ("stopped", "failed") and not self._busy
         self.plus.disabled = not (live and self._scale)
-        self.minus.disabled = not (live and self._scale and status.workers_wanted > 1)
+        smallest = status.workers_wanted if status.max_workers is None else status.max_workers
+        self.minus.disabled = not (live and self._scale and smallest > 1)
         self.stop_button.disabled = not (live and self._stop_fn)
 
     def _act(self, action: Callable[[], DeploymentStatus | None]) -> None:

@@ -6,6 +6,7 @@ kernel-restart case) and see exactly what a user's second kernel would see.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -210,5 +211,141 @@ def pytest_collection_modifyitems(config, items) -> None:
     """
     own_ray = {"test_notebooks", "test_binder", "test_browser", "test_cli_and_restart", "test_remote_and_restore"}
     for item in items:
-        if "ray_head" in getattr(item, "fixturenames", ()) or item.module.__name__.rsplit(".", 1)[-1] in own_ray:
+        if {"ray_head", "three_nodes"} & set(getattr(item, "fixturenames", ())) or item.module.__name__.rsplit(".", 1)[-1] in own_ray:
             item.add_marker(pytest.mark.ray)
+
+
+@dataclass
+class Nodes:
+    """A cluster of several raylets on this host: `ray start --head` and `ray start --address` per extra node."""
+
+    address: str
+    temp_dir: str
+    procs: dict[str, subprocess.Popen]
+    """Each node's `ray start --block` (its own process group: the raylet and all it started), by name."""
+    hidden: Path | None = None
+    """A folder whose files node b2 does not see (an empty tmpfs over it, in b2's own mount namespace);
+    None where this machine cannot make mount namespaces."""
+
+    def kill(self, name: str) -> None:
+        """A node dies: its raylet and everything it started are killed at once."""
+        proc = self.procs.pop(name)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+
+    def join(self, name: str) -> None:
+        hide = self.hidden if name == "b2" else None
+        self.procs[name] = _start_node(NODE_LAYOUT[name], self.address, hide=hide, log=self.log(name))
+
+    def log(self, name: str) -> Path:
+        return Path(self.temp_dir) / f"node-{name}.log"
+
+    def why_not(self) -> str:
+        """Each node's exit status and last output, and what a driver said, for a fixture that did not come up."""
+        parts = [f"{name}: {'running' if proc.poll() is None else f'exited {proc.returncode}'}, "
+                 f"{self.log(name).read_text()[-600:] if self.log(name).exists() else ''}"
+                 for name, proc in self.procs.items()]
+        return "; ".join(parts) + f"; a driver: {node_count(self.address, verbose=True)}"
+
+
+NODE_LAYOUT = {
+    "head": {"num_cpus": 2, "resources": {"zone_a": 4}},
+    "b1": {"num_cpus": 2, "resources": {"zone_b": 4}},
+    "b2": {"num_cpus": 2, "resources": {"zone_b": 4, "accel_x": 2}},
+}
+"""Each node's CPUs and custom resources; README's "Several nodes" starts the same cluster by hand."""
+_FAST_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+"""The head declares a node dead after 3 missed checks a second apart (Ray's default: 5, 3 s apart)."""
+
+
+def _node_ports() -> list[str]:
+    """Ports of a node's own processes: free ones, since several nodes share this host."""
+    names = ("node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",
+             "dashboard-agent-grpc-port", "runtime-env-agent-port")
+    return [f"--{name}={free_port()}" for name in names]
+
+
+def _start_node(layout: dict, head: str | None, temp_dir: str | None = None, port: int | None = None,
+                hide: Path | None = None, log: Path | None = None) -> subprocess.Popen:
+    cmd = ["ray", "start", "--block", f"--num-cpus={layout['num_cpus']}", "--num-gpus=0",
+           f"--resources={json.dumps(layout['resources'])}", "--disable-usage-stats", *_node_ports()]
+    if head is None:
+        cmd += ["--head", f"--port={port}", f"--temp-dir={temp_dir}", "--include-dashboard=false"]
+    else:
+        cmd += [f"--address={head}"]
+    if hide is not None:
+        import shlex
+
+        cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+               f"mount -t tmpfs none {shlex.quote(str(hide))} && exec {shlex.join(cmd)}"]
+    env = {**os.environ, **_FAST_NODE_DEATH}
+    env.pop("RAY_ADDRESS", None)
+    if head is not None and (Path.home() / ".ray" / "auth_token").exists():
+        # A joining node sends the cluster's token only in token mode ("InvalidAuthToken" without it, Ray 2.60).
+        env.setdefault("RAY_AUTH_MODE", "token")
+    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - the node writes it for as long as it runs
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+
+
+def node_count(address: str, verbose: bool = False):
+    """Alive nodes, asked of the cluster by a short driver process (pytest's own is joined to `ray_head`)."""
+    code = ("import ray, sys; from byzer_magic import raydoor; raydoor.use_token_if_present(); "
+            "ray.init(address=sys.argv[1], logging_level='ERROR'); print(len([n for n in ray.nodes() if n['Alive']]))")
+    done = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=120)
+    if verbose:
+        return f"exit {done.returncode}: {(done.stdout + done.stderr)[-800:]}"
+    return int(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 and done.stdout.strip() else -1
+
+
+@pytest.fixture(scope="module")
+def three_nodes():
+    """Three raylets on this host (NODE_LAYOUT), for the several-node tests; drivers join it from subprocesses."""
+    port = free_port()
+    temp_dir = tempfile.mkdtemp(prefix="bzn", dir="/tmp")
+    address = f"127.0.0.1:{port}"
+    nodes = Nodes(address, temp_dir, {})
+    nodes.procs["head"] = _start_node(NODE_LAYOUT["head"], None, temp_dir, port, log=nodes.log("head"))
+    hidden = Path(tempfile.mkdtemp(prefix="bzn-hidden", dir="/tmp"))
+    if _can_unshare(hidden):
+        nodes.hidden = hidden
+    try:
+        wait_until(lambda: _answers(port), 60, "the head node")
+        for name in ("b1", "b2"):
+            nodes.join(name)
+        try:
+            wait_until(lambda: node_count(address) == 3, 120, "three nodes")
+        except TimeoutError:
+            raise TimeoutError(f"three nodes not up after 120 s: {nodes.why_not()}") from None
+        yield nodes
+    finally:
+        for proc in list(nodes.procs.values())[::-1]:
+            _stop_node(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(hidden, ignore_errors=True)
+
+
+def _can_unshare(folder: Path) -> bool:
+    """Whether this machine lets a process mount over a folder in a namespace of its own (root, unshare)."""
+    cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", f"mount -t tmpfs none {folder}"]
+    try:
+        return subprocess.run(cmd, capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _stop_node(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False

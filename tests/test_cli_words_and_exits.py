@@ -34,7 +34,7 @@ def test_a_missing_model_path_is_bad_input(capsys, tmp_path):
 
 @pytest.mark.parametrize("workers,message", [("-1", "cannot scale to -1 workers: use 0 to 256"),
                                              ("257", "cannot scale to 257 workers: use 0 to 256"),
-                                             ("two", "invalid int value")])
+                                             ("two", "give a count (3) or a range for autoscaling (2..6)"), ("3..2", "0 <= MIN <= MAX")])
 def test_a_worker_count_scale_cannot_take_is_bad_input_before_any_cluster(capsys, workers, message):
     assert exit_code(["scale", "kept", workers, "--ray_address", "127.0.0.1:1"]) == 2
     err = capsys.readouterr().err

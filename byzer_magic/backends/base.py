@@ -210,6 +210,14 @@ class Backend(abc.ABC):
         return 1
 
     @classmethod
+    def longest_request_s(cls, settings: BackendSettings) -> float | None:
+        """The most seconds one request can take, where the backend bounds it (a provider's timeout); None: unbounded.
+
+        A worker being removed by a scale-down is given this long to finish what it holds.
+        """
+        return None
+
+    @classmethod
     def check_model_path(cls, path: Path) -> str | None:
         """What is wrong with an existing --model_path for this backend, or None: a directory with config.json."""
         if not (path / "config.json").is_file():

@@ -115,6 +115,11 @@ class Backend(base.Backend):
         return provider
 
     @classmethod
+    def longest_request_s(cls, settings: BackendSettings) -> float | None:
+        """saas.timeout bounds a whole request, retries and a drip-fed stream included."""
+        return float(getattr(settings, "timeout", 0)) or None
+
+    @classmethod
     def endpoint(cls, settings: BackendSettings, provider: str | None) -> str | None:
         """saas.base_url, else the provider's."""
         return getattr(settings, "base_url", None) or PROVIDER_BASE_URLS.get(provider or "")
