@@ -12,11 +12,12 @@ from typing import Any, Callable
 
 from . import metrics, placement, records, scaling
 from .raydoor import (
-    app_status, deployed, deployment_options, pinned, reason_in, serve_details, set_workers, setup_hook_env, start_app,
+    app_status, deployed, deployment_options, pinned, serve_details, set_workers, setup_hook_env, start_app,
 )
 from .cluster import connect, worker_runtime_env
 from .errors import DeployError, NotDeployedError, SpecError, redact
-from .spec import MAX_WORKERS, DeploySpec
+from .options import MAX_WORKERS
+from .spec import DeploySpec
 from .serve_status import ours, table_of, to_status
 from .status import DeploymentStatus, StatusTable
 from .worker import PRELOAD_ENV, WORKER_NAME, Worker
@@ -253,6 +254,14 @@ def scale(
         if isinstance(exc, KeyboardInterrupt):
             raise
         raise DeployError(f"{exc}; scaled back to {before}") from None
+
+
+def _record_workers(name: str, workers: int | tuple[int, int]) -> None:
+    """Keep a scale's count or range in the deployment's record, so a restore brings back what runs now."""
+    if isinstance(workers, tuple):
+        records.update(name, min_workers=workers[0], max_workers=workers[1], num_workers=None)
+    else:
+        records.update(name, num_workers=workers, min_workers=None, max_workers=None)
 
 
 def _rebound(name: str, workers: int | tuple[int, int]) -> Callable[[], None]:

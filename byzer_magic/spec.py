@@ -30,7 +30,7 @@ from .errors import SpecError, redact
 from .flags import (SECRET_KEY, Flags, did_you_mean, read_flags, secret_references, secrets_in, secrets_in_env,
                     split_cell)
 from .option_args import default_of, validated
-from .options import MAX_WORKERS, DeployFlags  # noqa: F401 - deploy.scale bounds workers by MAX_WORKERS too
+from .options import DeployFlags
 
 
 @dataclass(frozen=True)
