@@ -37,7 +37,7 @@ def _merge(first: Delta | None, second: Delta) -> Delta:
         return second
     usage = {**(first.usage or {}), **(second.usage or {})} or None
     return Delta(first.text + second.text, second.finish_reason or first.finish_reason, usage,
-                 first.token_ids + second.token_ids)
+                 first.token_ids + second.token_ids, first.tool_calls + second.tool_calls)
 
 
 class Worker:
@@ -78,7 +78,7 @@ class Worker:
                     tally.tokens += len(delta.token_ids) or 1
                     pieces += 1
                 held = _merge(held, delta)
-                if held.text and (first or pieces >= self._log.in_flight // STREAMS_PER_TOKEN):
+                if (held.text or held.tool_calls) and (first or pieces >= self._log.in_flight // STREAMS_PER_TOKEN):
                     yield held
                     held, pieces, first = None, 0, False
             if held is not None:
