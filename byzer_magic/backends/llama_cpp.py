@@ -40,6 +40,27 @@ TOOL_FORMATS = frozenset({"chatml-function-calling"})
 """llama-cpp-python chat formats whose handler answers with OpenAI tool calls, `auto` choice included."""
 
 
+_LOOSE_CHARS = r'[^"\\]'
+_JSON_CHARS = r'[^"\\\x7F\x00-\x1F]'
+
+
+def strict_json_strings() -> None:
+    """llama-cpp-python's schema grammars keep raw control characters out of JSON strings, as JSON requires.
+
+    Its schema converter (used for response_format and by the
+    chatml-function-calling handler for tool arguments) lets a string hold
+    them, so a model that samples one (the tiny random model often does)
+    answers with JSON no client parses; its own plain-JSON grammar excludes
+    them. This gives the converter's string rule the same exclusion, once per process.
+    """
+    from llama_cpp import llama_grammar
+
+    rule = llama_grammar.PRIMITIVE_RULES["char"]
+    if _JSON_CHARS not in rule.content:
+        fixed = rule.content.replace(_LOOSE_CHARS, _JSON_CHARS, 1)
+        llama_grammar.PRIMITIVE_RULES["char"] = llama_grammar.BuiltinRule(fixed, rule.deps)
+
+
 class Backend(base.Backend):
     """One Llama instance; requests take turns on it."""
 
@@ -83,6 +104,7 @@ class Backend(base.Backend):
         try:
             from llama_cpp import Llama
 
+            strict_json_strings()
             kwargs: dict[str, Any] = {
                 "model_path": self._model_path,
                 "n_ctx": s.n_ctx,

@@ -147,6 +147,11 @@ def main() -> None:
     from llama_cpp.server.app import create_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
+    from byzer_magic.backends.llama_cpp import strict_json_strings
+
+    # The provider's JSON strings hold no raw control characters, as a real provider's never do.
+    strict_json_strings()
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
     parser.add_argument("--port", type=int, required=True)
