@@ -314,3 +314,24 @@ def test_an_embedding_type_needs_a_model_directory(ray_head, tiny_model):
     with pytest.raises(DeployError, match="transformers needs a model directory with config.json"):
         deploy.deploy(spec)
     assert deploy.status("emb_gguf").state == "stopped"
+
+
+def test_openai_and_langchain_clients_chat_with_transformers(hf_chat):
+    """The openai client (sync, async, streamed, responses) and LangChain get one greedy answer from transformers."""
+    from byzer_magic import gateway
+
+    from .conftest import free_port
+    from .support import clients
+
+    port = free_port()
+    gateway.start("127.0.0.1", port, "sk-clients-test")
+    try:
+        counts = clients.text_everywhere(f"http://127.0.0.1:{port}/v1", "sk-clients-test", hf_chat)
+    finally:
+        gateway.stop()
+    usage = counts["openai"]
+    assert usage.prompt_tokens > 0 and usage.completion_tokens > 0
+    assert (counts["responses"].input_tokens, counts["responses"].output_tokens) == \
+        (usage.prompt_tokens, usage.completion_tokens)
+    assert (counts["langchain"]["input_tokens"], counts["langchain"]["output_tokens"]) == \
+        (usage.prompt_tokens, usage.completion_tokens)
