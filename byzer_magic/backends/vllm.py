@@ -115,8 +115,8 @@ def _cpu_kv_cache_bytes() -> int:
 def _structured_outputs(response_format: dict | None) -> Any:
     """OpenAI's response_format as vLLM's StructuredOutputsParams (the engine's grammar backend enforces it).
 
-    JSON comes compact (no free whitespace): a model may otherwise pad it with
-    newlines until max_tokens, which the tiny random model always does.
+    Whitespace inside the JSON is the engine's setting (structured outputs'
+    disable_any_whitespace, not a per-request one in this vLLM).
     """
     kind = (response_format or {}).get("type")
     if kind not in ("json_object", "json_schema"):
@@ -124,9 +124,9 @@ def _structured_outputs(response_format: dict | None) -> Any:
     from vllm.sampling_params import StructuredOutputsParams
 
     if kind == "json_object":
-        return StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
+        return StructuredOutputsParams(json_object=True)
     schema = (response_format.get("json_schema") or {}).get("schema") or {}
-    return StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+    return StructuredOutputsParams(json=schema)
 
 
 def _forced_schema(request: Any) -> Any:
@@ -136,7 +136,7 @@ def _forced_schema(request: Any) -> Any:
 
     schema = get_json_schema_from_tools(tool_choice=request.tool_choice, tools=request.tools,
                                         parallel_tool_calls=request.parallel_tool_calls)
-    return None if schema is None else StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+    return None if schema is None else StructuredOutputsParams(json=schema)
 
 
 def _tool_calls(text: str, request: Any, parser: Any) -> tuple[tuple[dict[str, Any], ...], str]:
