@@ -281,6 +281,13 @@ def test_openai_client_embeds_through_the_endpoint(embedder, hf_chat, tiny_encod
             assert [d.index for d in answer.data] == [0, 1, 2]
             np.testing.assert_allclose([d.embedding for d in answer.data], expected, atol=1e-5)
             assert answer.usage.prompt_tokens > 0
+        # LangChain's OpenAIEmbeddings, sending texts (its token-id form needs tiktoken's files from the network).
+        from langchain_openai import OpenAIEmbeddings
+
+        lc = OpenAIEmbeddings(model=embedder, base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-embed-test",
+                              check_embedding_ctx_length=False, max_retries=0)
+        np.testing.assert_allclose(lc.embed_documents(TEXTS), expected, atol=1e-5)
+        np.testing.assert_allclose(lc.embed_query(TEXTS[0]), expected[0], atol=1e-5)
         with pytest.raises(openai.BadRequestError, match="does not embed"):
             client.embeddings.create(model=hf_chat, input="hi")
         with pytest.raises(openai.BadRequestError, match="does not chat"):
