@@ -32,11 +32,11 @@ from openai.types.responses import (
     ResponseUsage,
 )
 from openai.types.responses.response_usage import InputTokensDetails, OutputTokensDetails
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .backends.base import Delta, GenParams, Messages
 from .openai_api import ApiError, ClientGone, _api_error, _unless_gone, _usage, _dump, _json
-from .openai_tools import ResponseFormat
+from .openai_tools import ToolChecks
 
 _HARMLESS = {"store": (False, None), "truncation": ("disabled", None), "parallel_tool_calls": (None, False, True),
              "user": None, "safety_identifier": None, "prompt_cache_key": None, "service_tier": ("auto", "default", None)}
@@ -89,12 +89,18 @@ class ResponsesRequest(BaseModel):
                 return name
         return None
 
-    def response_format(self) -> dict[str, Any] | None:
-        """`text.format` as a chat's response_format (Responses puts name and schema beside the type)."""
-        fmt = dict((self.text.format if self.text else None) or {"type": "text"})
+    @field_validator("text")
+    @classmethod
+    def _format(cls, text: _TextFormat | None) -> _TextFormat | None:
+        """`text.format` as a chat's response_format (Responses puts name and schema beside the type), checked."""
+        fmt = dict((text.format if text else None) or {"type": "text"})
         if fmt.get("type") == "json_schema":
             fmt = {"type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
-        return ResponseFormat.model_validate(fmt).as_dict()
+        checked = ToolChecks.checked_format(fmt)
+        return _TextFormat(format=checked)
+
+    def response_format(self) -> dict[str, Any] | None:
+        return self.text.format if self.text else None
 
     def messages(self) -> Messages:
         given = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else \

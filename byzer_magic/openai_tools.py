@@ -145,4 +145,9 @@ class ToolChecks(BaseModel):
     @field_validator("response_format", check_fields=False)
     @classmethod
     def _response_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        return None if value is None else _checked(ResponseFormat, value, "").as_dict()
+        return None if value is None else cls.checked_format(value)
+
+    @staticmethod
+    def checked_format(value: Any) -> dict[str, Any] | None:
+        """A response_format in OpenAI's chat form, checked; None for plain text."""
+        return _checked(ResponseFormat, value, "").as_dict()
