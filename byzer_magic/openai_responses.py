@@ -33,6 +33,7 @@ from openai.types.responses import (
 )
 from openai.types.responses.response_usage import InputTokensDetails, OutputTokensDetails
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from .backends.base import Delta, GenParams, Messages
 from .openai_api import ApiError, ClientGone, _api_error, _unless_gone, _usage, _dump, _json
@@ -88,6 +89,17 @@ class ResponsesRequest(BaseModel):
             if value not in (None, [], {}):
                 return name
         return None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _text_only(cls, given: Any) -> Any:
+        """An item that is not a message of text (an image, a file, a tool output) is named, not mis-parsed."""
+        for i, item in enumerate(given if isinstance(given, list) else ()):
+            kind = item.get("type", "message") if isinstance(item, dict) else type(item).__name__
+            if kind != "message":
+                raise PydanticCustomError("text_only", "item {i} is {kind}; /v1/responses here takes text messages only",
+                                          {"i": i, "kind": kind})
+        return given
 
     @field_validator("text")
     @classmethod

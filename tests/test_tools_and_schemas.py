@@ -116,6 +116,9 @@ def test_responses_bridge_text_and_refuse_what_they_cannot_carry(endpoint):
     with pytest.raises(openai.BadRequestError, match="previous_response_id") as caught:
         client.responses.create(model="m", input="hi", previous_response_id="resp_1")
     assert caught.value.body["param"] == "previous_response_id" and len(recorded.requests) == before
+    with pytest.raises(openai.BadRequestError, match="item 0 is input_image") as caught:
+        client.responses.create(model="m", input=[{"type": "input_image", "image_url": "http://x/y.png"}])
+    assert caught.value.body["param"] == "input" and len(recorded.requests) == before
 
 
 def test_fifty_llama_cpp_schema_answers_parse_and_validate(tiny_model):
