@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, TextIO, TypeVar
 
 from . import metrics
-from .backends.base import Delta, Embeddings, GenParams, Messages
+from .backends.base import Delta, Embeddings, GenParams, Messages, whole_tool_calls
 from .cluster import connect
 from .errors import BackendError, ByzerError, NotDeployedError
 from .raydoor import over_ray_client
@@ -236,6 +236,8 @@ class ChatResult:
     text: str
     finish_reason: str | None = None
     usage: dict[str, int] = field(default_factory=dict)
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    """Whole tool calls ({id, type, function: {name, arguments}}) where the model called tools."""
 
     def __str__(self) -> str:
         return self.text
@@ -246,6 +248,7 @@ class ChatResult:
         for d in deltas:
             result.finish_reason = d.finish_reason or result.finish_reason
             result.usage.update(d.usage or {})
+        result.tool_calls = whole_tool_calls(deltas)
         return result
 
 

@@ -27,13 +27,14 @@ from openai.types.create_embedding_response import Usage as EmbeddingUsage
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
 from openai.types.chat.chat_completion import Choice
 from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
-from openai.types.chat.chat_completion_chunk import ChoiceDelta
+from openai.types.chat.chat_completion_chunk import ChoiceDelta, ChoiceDeltaToolCall
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from .backends.base import Delta, Embeddings, GenParams, Messages
+from .backends.base import Delta, Embeddings, GenParams, Messages, joined_tool_pieces, whole_tool_calls
 from .errors import BackendError, ByzerError, FieldError, NotDeployedError, WrongTaskError
+from .openai_tools import ToolChecks
 from .options import Sampling
 
 
@@ -64,12 +65,15 @@ class Message(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         text = self.content if not isinstance(self.content, list) else "".join(p.text for p in self.content)
         out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": text or ""}
-        if self.name:
-            out["name"] = self.name
+        for key in ("name", "tool_calls", "tool_call_id"):
+            if getattr(self, key):
+                out[key] = getattr(self, key)
         return out
 
 
@@ -135,7 +139,7 @@ class _Generation(Sampling, _Lenient):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class ChatRequest(_Generation):
+class ChatRequest(ToolChecks, _Generation):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Sampling.model_fields["max_tokens"]
 
@@ -258,6 +262,14 @@ def _usage(deltas: list[Delta]) -> CompletionUsage:
     prompt, completion = merged.get("prompt_tokens", 0), merged.get("completion_tokens", 0)
     total = merged.get("total_tokens", prompt + completion)
     return CompletionUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total)
+
+
+def _chat_delta(delta: Delta) -> ChoiceDelta:
+    """A streamed chat piece: text, or tool-call pieces as OpenAI streams them (one entry per call index)."""
+    if not delta.tool_calls:
+        return ChoiceDelta(content=delta.text)
+    calls = [ChoiceDeltaToolCall.model_validate(piece) for piece in joined_tool_pieces(delta.tool_calls)]
+    return ChoiceDelta(content=delta.text, tool_calls=calls) if delta.text else ChoiceDelta(tool_calls=calls)
 
 
 def _finish(deltas: list[Delta], allowed: set[str]) -> str:
@@ -570,7 +582,7 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None, allowe
             delta = first
             while delta is not None:
                 seen.append(delta)
-                if delta.text or delta.finish_reason:
+                if delta.text or delta.finish_reason or delta.tool_calls:
                     yield _event(chunk(delta, seen))
                 delta = await anext(stream, None)
             if body.wants_usage():
@@ -587,7 +599,10 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None, allowe
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def make(deltas: list[Delta]) -> ChatCompletion:
-            message = ChatCompletionMessage(role="assistant", content="".join(d.text for d in deltas))
+            calls = whole_tool_calls(deltas)
+            text = "".join(d.text for d in deltas)
+            message = ChatCompletionMessage(role="assistant", content=text or (None if calls else ""),
+                                            tool_calls=calls or None)
             choice = Choice(index=0, message=message, finish_reason=_finish(deltas, _CHAT_FINISH))
             return ChatCompletion(id=ident, object="chat.completion", created=created, model=body.model,
                                   choices=[choice], usage=_usage(deltas))
@@ -599,7 +614,7 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None, allowe
                 choices = [ChunkChoice(index=0, delta=ChoiceDelta(role="assistant", content=""))]
             else:
                 finish = _finish([delta], _CHAT_FINISH) if delta.finish_reason else None
-                choices = [ChunkChoice(index=0, delta=ChoiceDelta(content=delta.text), finish_reason=finish)]
+                choices = [ChunkChoice(index=0, delta=_chat_delta(delta), finish_reason=finish)]
             return ChatCompletionChunk(id=ident, object="chat.completion.chunk", created=created, model=body.model,
                                        choices=choices, usage=usage)
 
@@ -652,6 +667,9 @@ def build_app(deployments: Deployments, *, key_digest: str | None = None, allowe
         metrics.observe(body.model, "embeddings", 200, started, counted, None)
         return _json(CreateEmbeddingResponse.model_construct(object="list", model=body.model, data=data, usage=usage))
 
+    from .openai_responses import add_routes
+
+    add_routes(app, deployments, metrics.observe, _MODEL_ERRORS)
     if allowed_hosts is not None:
         from starlette.middleware.trustedhost import TrustedHostMiddleware
 

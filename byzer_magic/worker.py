@@ -59,7 +59,7 @@ def _merge(first: Delta | None, second: Delta) -> Delta:
         return second
     usage = {**(first.usage or {}), **(second.usage or {})} or None
     return Delta(first.text + second.text, second.finish_reason or first.finish_reason, usage,
-                 first.token_ids + second.token_ids)
+                 first.token_ids + second.token_ids, first.tool_calls + second.tool_calls)
 
 
 class Worker:
@@ -110,7 +110,7 @@ class Worker:
                     pieces += 1
                 usage = {**(usage or {}), **delta.usage} if delta.usage else usage
                 held = _merge(held, delta)
-                if held.text and (first or pieces >= self._log.in_flight // STREAMS_PER_TOKEN):
+                if (held.text or held.tool_calls) and (first or pieces >= self._log.in_flight // STREAMS_PER_TOKEN):
                     yield held
                     held, pieces, first = None, 0, False
             if usage is None:

@@ -17,10 +17,10 @@ GREEDY = GenParams(temperature=0, max_tokens=8)
 IN_PLACE = pytest.mark.skipif(not raydoor.can_scale_in_place(), reason="Serve has no external scaler before Ray 2.53")
 
 
-def saas_spec(server, name: str, workers: int = 2, extra: str = ""):
+def saas_spec(server, name: str, workers: int = 2, extra: str = "", model: str = "tiny"):
     key = server.api_key or "sk-unused-by-the-local-server"
     return parse_spec(
-        f"--pretrained_model_type saas/openai --infer_params saas.api_key={key} saas.model=tiny "
+        f"--pretrained_model_type saas/openai --infer_params saas.api_key={key} saas.model={model} "
         f"saas.base_url={server.base_url} {extra} --num_workers {workers} --cpus_per_worker 0.001 "
         f"--gpus_per_worker 0 --model {name}"
     )

@@ -355,6 +355,13 @@ def test_openai_client_embeds_through_the_endpoint(embedder, hf_chat, tiny_encod
             assert [d.index for d in answer.data] == [0, 1, 2]
             np.testing.assert_allclose([d.embedding for d in answer.data], expected, atol=1e-5)
             assert answer.usage.prompt_tokens == answer.usage.total_tokens == _encoder_tokens(tiny_encoder, TEXTS)
+        # LangChain's OpenAIEmbeddings, sending texts (its token-id form needs tiktoken's files from the network).
+        from langchain_openai import OpenAIEmbeddings
+
+        lc = OpenAIEmbeddings(model=embedder, base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-embed-test",
+                              check_embedding_ctx_length=False, max_retries=0)
+        np.testing.assert_allclose(lc.embed_documents(TEXTS), expected, atol=1e-5)
+        np.testing.assert_allclose(lc.embed_query(TEXTS[0]), expected[0], atol=1e-5)
         with pytest.raises(openai.BadRequestError, match="does not embed"):
             client.embeddings.create(model=hf_chat, input="hi")
         with pytest.raises(openai.BadRequestError, match="does not chat"):
@@ -436,3 +443,24 @@ def test_sessions_count_a_conversation_as_the_engine_will_see_it(ray_head, backe
                     for m in (PROMPT, talk)]
     assert facts["task"] == "chat" and facts["prompt_tokens"] == expected
     assert facts["context_length"] == (1024 if backend == "vllm_chat" else tiny_model.config.context_length)
+
+
+def test_openai_and_langchain_clients_chat_with_transformers(hf_chat):
+    """The openai client (sync, async, streamed, responses) and LangChain get one greedy answer from transformers."""
+    from byzer_magic import gateway
+
+    from .conftest import free_port
+    from .support import clients
+
+    port = free_port()
+    gateway.start("127.0.0.1", port, "sk-clients-test")
+    try:
+        counts = clients.text_everywhere(f"http://127.0.0.1:{port}/v1", "sk-clients-test", hf_chat)
+    finally:
+        gateway.stop()
+    usage = counts["openai"]
+    assert usage.prompt_tokens > 0 and usage.completion_tokens > 0
+    assert (counts["responses"].input_tokens, counts["responses"].output_tokens) == \
+        (usage.prompt_tokens, usage.completion_tokens)
+    assert (counts["langchain"]["input_tokens"], counts["langchain"]["output_tokens"]) == \
+        (usage.prompt_tokens, usage.completion_tokens)

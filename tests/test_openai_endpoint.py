@@ -13,6 +13,7 @@ import sys
 import urllib.error
 import urllib.request
 
+import jsonschema
 import openai
 import pytest
 
@@ -23,6 +24,7 @@ from byzer_magic.errors import DeployError
 from byzer_magic.spec import parse_spec
 
 from .conftest import ROOT, alive_replicas, free_port
+from .support import clients
 from .test_deploy_saas import saas_spec
 from .test_llama_cpp import llama_spec
 
@@ -32,15 +34,21 @@ HELLO = [{"role": "user", "content": "Hello there, what is ray?"}]
 
 @pytest.fixture(scope="module")
 def served(ray_head, openai_server, tiny_model):
-    """Two deployments of different backends behind one endpoint with an API key."""
+    """Deployments of different backends behind one endpoint with an API key.
+
+    ep_tools is a SaaS deployment of the provider's tool-capable model;
+    ep_llama_tools a llama.cpp one with the chat format that answers tools.
+    """
     deploy.deploy(saas_spec(openai_server, "ep_saas", workers=1))
     deploy.deploy(llama_spec(tiny_model.gguf, "ep_llama"))
+    deploy.deploy(saas_spec(openai_server, "ep_tools", workers=1, model="tiny-tools"))
+    deploy.deploy(llama_spec(tiny_model.gguf, "ep_llama_tools", "chat_format=chatml-function-calling"))
     port = free_port()
     up = gateway.start("127.0.0.1", port, KEY)
     assert up.state == "running" and up.auth and up.url == f"http://127.0.0.1:{port}/v1"
     yield up
     gateway.stop()
-    for name in ("ep_saas", "ep_llama"):
+    for name in ("ep_saas", "ep_llama", "ep_tools", "ep_llama_tools"):
         deploy.undeploy(name)
     assert alive_replicas(gateway.GATEWAY_APP) == []
 
@@ -565,3 +573,79 @@ def test_the_magic_starts_reports_and_stops_it_without_showing_the_key(served, c
         assert "no OpenAI endpoint is running" in run("%byzer_serve --stop")
     finally:
         gateway.start(served.host, served.port, KEY)
+
+
+# Structured output, tools and /v1/responses, through clients nobody here wrote (tests/support/clients.py).
+
+
+@pytest.mark.parametrize("name", ["ep_llama", "ep_tools"])
+def test_fifty_schema_answers_all_parse_and_validate(served, name):
+    """llama.cpp's grammar and the provider's json_schema make a random model's answers valid, every one."""
+    sync, _ = clients.clients(served.url, KEY)
+    values = clients.schema_replies(sync, name, 50)
+    assert len(values) == 50 and len({json.dumps(v, sort_keys=True) for v in values}) > 1
+
+
+@pytest.mark.parametrize("name", ["ep_saas", "ep_llama"])
+def test_openai_and_langchain_clients_get_the_same_answer_and_counts(served, name):
+    counts = clients.text_everywhere(served.url, KEY, name)
+    usage = counts["openai"]
+    if usage is None:
+        assert counts["responses"] is None and counts["langchain"] is None
+    else:
+        assert (counts["responses"].input_tokens, counts["responses"].output_tokens) == \
+            (usage.prompt_tokens, usage.completion_tokens)
+        assert counts["langchain"]["input_tokens"] == usage.prompt_tokens
+
+
+@pytest.mark.parametrize("name", ["ep_tools", "ep_llama_tools"])
+def test_tool_calls_come_whole_and_streamed_as_openai_sends_them(served, name):
+    clients.tool_calls_everywhere(served.url, KEY, name)
+
+
+def test_langchain_structured_output_validates(served):
+    assert set(clients.structured_through_langchain(served.url, KEY, "ep_llama")) == {"colour", "name", "ok"}
+
+
+def test_llama_cpp_without_a_tool_format_refuses_tools_plainly(client):
+    with pytest.raises(openai.BadRequestError, match="chat_format=chatml-function-calling"):
+        client.chat.completions.create(model="ep_llama", messages=HELLO, tools=[clients.WEATHER])
+
+
+@pytest.mark.parametrize("extra, param, words", [
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}]},
+     "tools", "not a valid JSON Schema"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": ["city"]}}]},
+     "tools", "must be a JSON object"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": "object"}}},
+     "response_format", "must be a JSON object"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 7}}}},
+     "response_format", "not a valid JSON Schema"),
+    ({"tools": [clients.WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "tool_choice", "not among the tools sent"),
+])
+def test_bad_tools_and_schemas_are_400_naming_the_field_and_reach_nothing(served, clean_server, extra, param, words):
+    before = clean_server.stats()["requests"]
+    status, body = http(f"{served.url}/chat/completions", {"model": "ep_tools", "messages": HELLO, **extra}, KEY)
+    assert status == 400 and body["error"]["param"] == param and words in body["error"]["message"]
+    assert body["error"]["type"] == "invalid_request_error"
+    assert clean_server.stats()["requests"] == before
+    assert deploy.status("ep_tools").state == "ready"
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}]}, "tools"),
+    ({"previous_response_id": "resp_123"}, "previous_response_id"),
+    ({"reasoning": {"effort": "low"}}, "reasoning"),
+    ({"input": [{"type": "input_image", "image_url": "http://x/y.png"}]}, "input"),
+])
+def test_responses_refuse_what_they_cannot_carry_by_name(served, extra, param):
+    status, body = http(f"{served.url}/responses", {"model": "ep_saas", "input": "hi", **extra}, KEY)
+    assert status == 400 and body["error"]["param"].startswith(param), body
+
+
+def test_responses_carry_a_json_schema_text_format(served):
+    sync, _ = clients.clients(served.url, KEY)
+    fmt = {"type": "json_schema", "name": "pick", "schema": clients.SCHEMA, "strict": True}
+    reply = sync.responses.create(model="ep_llama", input="pick", text={"format": fmt}, max_output_tokens=80)
+    jsonschema.validate(json.loads(reply.output_text), clients.SCHEMA)

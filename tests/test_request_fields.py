@@ -33,7 +33,6 @@ def chat(**fields) -> GenParams:
     ({"web_search_options": {}}, "web_search_options"),
     ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools"),
-    ({"tool_choice": "required"}, "tool_choice"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"seed": 1}, "seed"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
@@ -50,6 +49,14 @@ def test_a_field_the_backend_does_not_declare_is_refused_naming_it_and_the_backe
     problem = refusal(chat(**fields), NOTHING, WHO)
     assert problem is not None and problem.param == param
     assert str(problem).startswith(f"{param}: {WHO} ")
+
+
+def test_a_tool_choice_without_tools_is_refused_by_the_request_naming_it():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as caught:
+        chat(tool_choice="required")
+    assert caught.value.errors()[0]["loc"] == ("tool_choice",)
 
 
 @pytest.mark.parametrize("fields", [

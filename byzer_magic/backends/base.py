@@ -49,6 +49,40 @@ class Delta:
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
     token_ids: tuple[int, ...] = ()
+    tool_calls: tuple[dict[str, Any], ...] = ()
+    """Pieces of tool calls in OpenAI's streamed form ({index, id, type, function: {name, arguments}})."""
+
+
+def whole_tool_calls(deltas: "list[Delta]") -> list[dict[str, Any]]:
+    """Streamed tool-call pieces joined by index into whole calls, as a non-streamed OpenAI answer has them.
+
+    The first piece of a call carries its id and name; later ones add pieces of its arguments.
+    """
+    calls: dict[int, dict[str, Any]] = {}
+    for delta in deltas:
+        for piece in delta.tool_calls:
+            call = calls.setdefault(piece.get("index", 0), {"id": "", "type": "function",
+                                                             "function": {"name": "", "arguments": ""}})
+            call["id"] = piece.get("id") or call["id"]
+            function = piece.get("function") or {}
+            call["function"]["name"] = call["function"]["name"] or function.get("name") or ""
+            call["function"]["arguments"] += function.get("arguments") or ""
+    return [calls[i] for i in sorted(calls)]
+
+
+def joined_tool_pieces(pieces: tuple[dict[str, Any], ...]) -> list[dict[str, Any]]:
+    """Tool-call pieces that arrived together, one per call index (arguments joined), in order of first arrival."""
+    joined: dict[int, dict[str, Any]] = {}
+    for piece in pieces:
+        index = piece.get("index", 0)
+        if index not in joined:
+            joined[index] = {**piece, "function": dict(piece.get("function") or {})}
+            continue
+        function = joined[index].setdefault("function", {})
+        arguments = (piece.get("function") or {}).get("arguments")
+        if arguments:
+            function["arguments"] = (function.get("arguments") or "") + arguments
+    return list(joined.values())
 
 
 _DEFAULTED = ("temperature", "top_p", "max_tokens")

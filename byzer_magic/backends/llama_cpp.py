@@ -7,6 +7,7 @@ checks and queue bookkeeping.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import threading
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any, AsyncIterator, Iterator
 
 from pydantic import Field
 
-from ..errors import BackendError
+from ..errors import BackendError, SpecError
 from . import base
 from .base import BackendSettings, Capabilities, Context, Delta, GenParams, Messages, context_exceeded
 
@@ -77,6 +78,31 @@ class _Counter:
         return {"prompt_tokens": self.first, "completion_tokens": completion, "total_tokens": self.first + completion}
 
 
+TOOL_FORMATS = frozenset({"chatml-function-calling"})
+"""llama-cpp-python chat formats whose handler answers with OpenAI tool calls, `auto` choice included."""
+
+
+_LOOSE_CHARS = r'[^"\\]'
+_JSON_CHARS = r'[^"\\\x7F\x00-\x1F]'
+
+
+def strict_json_strings() -> None:
+    """llama-cpp-python's schema grammars keep raw control characters out of JSON strings, as JSON requires.
+
+    Its schema converter (used for response_format and by the
+    chatml-function-calling handler for tool arguments) lets a string hold
+    them, so a model that samples one (the tiny random model often does)
+    answers with JSON no client parses; its own plain-JSON grammar excludes
+    them. This gives the converter's string rule the same exclusion, once per process.
+    """
+    from llama_cpp import llama_grammar
+
+    rule = llama_grammar.PRIMITIVE_RULES["char"]
+    if _JSON_CHARS not in rule.content:
+        fixed = rule.content.replace(_LOOSE_CHARS, _JSON_CHARS, 1)
+        llama_grammar.PRIMITIVE_RULES["char"] = llama_grammar.BuiltinRule(fixed, rule.deps)
+
+
 class Backend(base.Backend):
     """One Llama instance; requests take turns on it."""
 
@@ -87,8 +113,8 @@ class Backend(base.Backend):
     extra = "llama-cpp"
     model_path_help = "the .gguf file to load"
     capabilities = Capabilities(
-        tools=False,
-        structured_output=False,
+        tools=True,
+        structured_output=True,
         # Sampling and forwarding fields follow.
         seed=True,
         penalties=True,
@@ -120,6 +146,7 @@ class Backend(base.Backend):
         try:
             from llama_cpp import Llama
 
+            strict_json_strings()
             kwargs: dict[str, Any] = {
                 "model_path": self._model_path,
                 "n_ctx": s.n_ctx,
@@ -158,8 +185,54 @@ class Backend(base.Backend):
         return kwargs
 
     def chat(self, messages: Messages, gen: GenParams) -> AsyncIterator[Delta]:
-        call = self._llama.create_chat_completion
-        return self._relay(call, {**self._request(gen), "messages": messages}, gen, True)
+        kwargs = {**self._request(gen), **self._structured(gen), "messages": messages}
+        if gen.tools:
+            return self._with_tools({**kwargs, "tools": gen.tools, "tool_choice": gen.tool_choice or "auto"})
+        return self._relay(self._llama.create_chat_completion, kwargs, gen, True)
+
+    def _structured(self, gen: GenParams) -> dict[str, Any]:
+        """`response_format` as a llama.cpp grammar, which constrains every sampled token to valid JSON.
+
+        llama-cpp-python's own response_format takes only json_object; OpenAI's
+        json_schema form is turned into a grammar here with its own converter.
+        """
+        fmt = gen.response_format or {}
+        if fmt.get("type") not in ("json_object", "json_schema"):
+            return {}
+        from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+        schema = (fmt.get("json_schema") or {}).get("schema") if fmt["type"] == "json_schema" else None
+        try:
+            if schema is None:
+                return {"grammar": LlamaGrammar.from_string(JSON_GBNF, verbose=False)}
+            return {"grammar": LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)}
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise SpecError(f"response_format.json_schema.schema: llama.cpp cannot turn it into a grammar ({exc}); "
+                            f"use the JSON Schema subset llama.cpp supports") from None
+
+    async def _with_tools(self, kwargs: dict[str, Any]) -> AsyncIterator[Delta]:
+        """Tools through llama-cpp-python's chatml-function-calling handler, whole: it cannot stream an `auto` choice.
+
+        The answer then comes as one delta (text or calls), which a streaming
+        caller receives as one chunk.
+        """
+        if self._settings.chat_format not in TOOL_FORMATS:
+            raise SpecError(f"tools: {self.context.deployment!r} (llama_cpp) takes tools only when deployed with "
+                            f"chat_format=chatml-function-calling; its chat_format is {self._settings.chat_format}")
+        async with self._turn:
+            step = asyncio.ensure_future(self._inside(self._llama.create_chat_completion, **{**kwargs, "stream": False}))
+            try:
+                answer = await asyncio.shield(step)
+            except (ValueError, RuntimeError) as exc:
+                raise BackendError("llama_cpp", None, str(exc)) from None
+            finally:
+                if not step.done():
+                    await asyncio.wait([step])
+        choice = answer["choices"][0]
+        message = choice["message"]
+        calls = tuple({**call, "index": i} for i, call in enumerate(message.get("tool_calls") or ()))
+        finish = "tool_calls" if calls else choice.get("finish_reason")
+        yield Delta(message.get("content") or "", finish, answer.get("usage"), tool_calls=calls)
 
     def generate(self, prompt: str, gen: GenParams) -> AsyncIterator[Delta]:
         """A raw prompt, continued as it is (no chat template)."""

@@ -62,6 +62,23 @@ def _node_key(key: str) -> str:
     return found
 
 
+def _first_names_only(pieces: Any, named: set[int]) -> tuple[dict[str, Any], ...]:
+    """Tool-call pieces as OpenAI streams them: id, type and name on a call's first piece only.
+
+    Some servers (llama.cpp's) repeat them on every piece, which clients that
+    join the pieces (openai's, LangChain's) would glue into one long name.
+    """
+    out = []
+    for piece in pieces:
+        data = piece.model_dump(exclude_none=True)
+        index = data.get("index", 0)
+        if index in named:
+            data = {"index": index, "function": {"arguments": (data.get("function") or {}).get("arguments", "")}}
+        named.add(index)
+        out.append(data)
+    return tuple(out)
+
+
 class Backend(base.Backend):
     """One worker's connection to the provider; Serve keeps it to one request at a time."""
 
@@ -74,8 +91,8 @@ class Backend(base.Backend):
     model_path_help = None
     no_model_path_why = "the endpoint holds the model"
     capabilities = Capabilities(
-        tools=False,
-        structured_output=False,
+        tools=True,
+        structured_output=True,
         # Sampling and forwarding fields follow.
         seed=True,
         penalties=True,
@@ -151,6 +168,9 @@ class Backend(base.Backend):
         if gen.logit_bias:
             kwargs["logit_bias"] = {str(token): bias for token, bias in gen.logit_bias.items()}
         kwargs.update(forwarded(gen))
+        for name in ("response_format", "tools", "tool_choice", "parallel_tool_calls"):
+            if getattr(gen, name) is not None:
+                kwargs[name] = getattr(gen, name)
         return kwargs
 
     def chat(self, messages: Messages, gen: GenParams) -> AsyncIterator[Delta]:
@@ -163,6 +183,7 @@ class Backend(base.Backend):
     async def _relay(self, create: Any, kwargs: dict[str, Any]) -> AsyncIterator[Delta]:
         """The provider's stream as deltas, all of it within saas.timeout (a drip-fed answer included)."""
         finished = False
+        named: set[int] = set()
         deadline = asyncio.get_running_loop().time() + self._settings.timeout
 
         async def within(step: Any) -> Any:
@@ -176,9 +197,10 @@ class Backend(base.Backend):
                     for choice in chunk.choices:
                         delta = getattr(choice, "delta", None)
                         text = (delta.content if delta is not None else choice.text) or ""
+                        calls = _first_names_only(getattr(delta, "tool_calls", None) or (), named)
                         finished = finished or bool(choice.finish_reason)
-                        if text or choice.finish_reason:
-                            yield Delta(text, choice.finish_reason)
+                        if text or calls or choice.finish_reason:
+                            yield Delta(text, choice.finish_reason, tool_calls=calls)
                     if chunk.usage:
                         usage = chunk.usage.model_dump()
                         yield Delta("", None, {k: v for k, v in usage.items() if isinstance(v, int)})

@@ -11,13 +11,15 @@ import dataclasses
 import functools
 import inspect
 import itertools
+import json
 import os
 import re
+import uuid
 from typing import Any, AsyncIterator, Mapping
 
 from pydantic import ConfigDict, Field
 
-from ..errors import BackendError
+from ..errors import BackendError, SpecError
 from . import base
 from .base import BackendSettings, Capabilities, Context, Delta, GenParams, GpuRule, Messages
 
@@ -56,6 +58,14 @@ class Settings(BackendSettings):
     kv_cache_memory_bytes: int | None = Field(
         default=None, gt=0, description="KV cache size in bytes; on a CPU worker default: a quarter of free memory"
     )
+    tool_call_parser: str | None = Field(
+        default=None, description="vLLM's tool parser for the model's tool-call format (hermes, llama3_json, "
+                                  "mistral, ...), as `vllm serve --tool-call-parser` names it; unset: no tools"
+    )
+
+
+_NOT_ENGINE_ARGS = {"tool_call_parser"}
+"""Settings the backend itself reads; the rest go to AsyncEngineArgs."""
 
 
 _ERROR_LINE = re.compile(r"^(?:\([^)]*\)\s*)?(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$")
@@ -102,6 +112,61 @@ def _cpu_kv_cache_bytes() -> int:
     return max(256 << 20, min(_CPU_KV_CAP, free // 4))
 
 
+def _structured_outputs(response_format: dict | None) -> Any:
+    """OpenAI's response_format as vLLM's StructuredOutputsParams (the engine's grammar backend enforces it).
+
+    Whitespace inside the JSON is the engine's setting (structured outputs'
+    disable_any_whitespace, not a per-request one in this vLLM).
+    """
+    kind = (response_format or {}).get("type")
+    if kind not in ("json_object", "json_schema"):
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    schema = (response_format.get("json_schema") or {}).get("schema") or {}
+    return StructuredOutputsParams(json=schema)
+
+
+def _forced_schema(request: Any) -> Any:
+    """StructuredOutputsParams for a named or `required` tool choice (vLLM's own schema for it), else None."""
+    from vllm.sampling_params import StructuredOutputsParams
+    from vllm.tool_parsers.utils import get_json_schema_from_tools
+
+    schema = get_json_schema_from_tools(tool_choice=request.tool_choice, tools=request.tools,
+                                        parallel_tool_calls=request.parallel_tool_calls)
+    return None if schema is None else StructuredOutputsParams(json=schema)
+
+
+def _tool_calls(text: str, request: Any, parser: Any) -> tuple[tuple[dict[str, Any], ...], str]:
+    """The calls in a whole answer, and what is left as content, by vLLM's serving layer's rules.
+
+    Without a parser the answer was forced: a named choice's text is the
+    arguments, `required`'s is a JSON list of {name, parameters}.
+    """
+    found: list[tuple[str, str]] = []
+    content = text
+    choice = request.tool_choice
+    if parser is None and choice == "required":
+        try:
+            found = [(c["name"], json.dumps(c.get("parameters", {}))) for c in json.loads(text)]
+        except (ValueError, TypeError, KeyError):
+            found = []
+        content = ""
+    elif parser is None:
+        name = choice["function"]["name"] if isinstance(choice, dict) else choice.function.name
+        found, content = ([(name, text)] if text.strip() else []), ""
+    elif choice != "none":
+        info = parser.extract_tool_calls(text, request=request)
+        if info.tools_called:
+            found = [(c.function.name, c.function.arguments) for c in info.tool_calls]
+            content = info.content or ""
+    calls = tuple({"index": i, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                   "function": {"name": name, "arguments": arguments}} for i, (name, arguments) in enumerate(found))
+    return calls, content
+
+
 class Backend(base.Backend):
     """An AsyncLLM engine; Serve lets it take `worker_concurrency` requests at once."""
 
@@ -111,8 +176,8 @@ class Backend(base.Backend):
     extra = "vllm"
     gpu_rule = GpuRule(whole_above_one=True)
     capabilities = Capabilities(
-        tools=False,
-        structured_output=False,
+        tools=True,
+        structured_output=True,
         # Sampling and forwarding fields follow.
         seed=True,
         penalties=True,
@@ -159,7 +224,7 @@ class Backend(base.Backend):
         A worker given a share of a GPU (--gpus_per_worker 0.5) takes that
         share of its memory unless backend.gpu_memory_utilization says otherwise.
         """
-        args = self._settings.model_dump(exclude_none=True)
+        args = self._settings.model_dump(exclude_none=True, exclude=_NOT_ENGINE_ARGS)
         if self._gpus > 1:
             args.setdefault("tensor_parallel_size", int(self._gpus))
         given = self._settings.model_fields_set | set(self._settings.model_extra or {})
@@ -172,13 +237,52 @@ class Backend(base.Backend):
         return args
 
     def chat(self, messages: Messages, gen: GenParams) -> AsyncIterator[Delta]:
+        if gen.tools:
+            return self._with_tools(messages, gen)
         prompt = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self._generate(prompt, gen, True)
+        return self._generate(prompt, gen, True, _structured_outputs(gen.response_format))
+
+    async def _with_tools(self, messages: Messages, gen: GenParams) -> AsyncIterator[Delta]:
+        """Tool calls as `vllm serve` makes them, from the whole answer.
+
+        A named or `required` tool choice is forced with structured output
+        built by vLLM's own get_json_schema_from_tools, and read as vLLM's
+        serving layer reads it; `auto` lets the model answer in its own format
+        and vLLM's tool parser (backend.tool_call_parser) finds the calls.
+        """
+        request, parser = self._tool_request(messages, gen)
+        prompt = self._tokenizer.apply_chat_template(messages, tools=gen.tools, tokenize=False,
+                                                     add_generation_prompt=True)
+        forced = _forced_schema(request)
+        deltas = [d async for d in self._generate(prompt, gen, True, forced)]
+        text = "".join(d.text for d in deltas)
+        last = deltas[-1] if deltas else Delta("", "stop")
+        calls, content = _tool_calls(text, request, parser if forced is None else None)
+        finish = "tool_calls" if calls else last.finish_reason
+        yield Delta(content, finish, last.usage, tuple(t for d in deltas for t in d.token_ids), calls)
+
+    def _tool_request(self, messages: Messages, gen: GenParams) -> tuple[Any, Any]:
+        """vLLM's own ChatCompletionRequest and tool parser for this chat, so its serving layer's rules apply."""
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.tool_parsers import ToolParserManager
+
+        name = self._settings.tool_call_parser
+        if not name:
+            raise SpecError(f"tools: {self.context.deployment!r} (vllm) takes tools only when deployed with "
+                            f"backend.tool_call_parser=NAME (the model's format, e.g. hermes or llama3_json)")
+        try:
+            parser_class = ToolParserManager.get_tool_parser(name)
+        except KeyError:
+            raise SpecError(f"backend.tool_call_parser={name}: vLLM has no such tool parser") from None
+        request = ChatCompletionRequest(model=self.context.deployment, messages=messages, tools=gen.tools,
+                                        tool_choice=gen.tool_choice or "auto",
+                                        parallel_tool_calls=gen.parallel_tool_calls is not False)
+        return request, parser_class(self._tokenizer, request.tools)
 
     def generate(self, prompt: str, gen: GenParams) -> AsyncIterator[Delta]:
-        return self._generate(prompt, gen, False)
+        return self._generate(prompt, gen, False, _structured_outputs(gen.response_format))
 
-    def _sampling(self, prompt: str, gen: GenParams, chat: bool) -> Any:
+    def _sampling(self, prompt: str, gen: GenParams, chat: bool, structured: Any = None) -> Any:
         """vLLM's SamplingParams; max_tokens is what is left of the context, at most what was asked."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -195,10 +299,11 @@ class Backend(base.Backend):
             frequency_penalty=gen.frequency_penalty or 0.0,
             logit_bias=gen.logit_bias or None,
             output_kind=RequestOutputKind.DELTA,
+            structured_outputs=structured,
         )
 
-    async def _generate(self, prompt: str, gen: GenParams, chat: bool) -> AsyncIterator[Delta]:
-        params = self._sampling(prompt, gen, chat)
+    async def _generate(self, prompt: str, gen: GenParams, chat: bool, structured: Any = None) -> AsyncIterator[Delta]:
+        params = self._sampling(prompt, gen, chat, structured)
         request_id = f"byzer-{next(self._ids)}"
         try:
             held: tuple[int, ...] = ()

@@ -73,7 +73,7 @@ class Observed:
                 return await self._canned_stream(counted_send)
             if self.paced_words:
                 return await self._word_stream(counted_send, await _body(receive))
-            return await self.app(scope, receive, self._paced(counted_send))
+            return await self.app(scope, await _json_schema_as_llama_takes_it(receive), self._paced(counted_send))
         finally:
             if not done:
                 self.in_flight -= 1
@@ -123,6 +123,38 @@ class Observed:
         await send({"type": "http.response.body", "body": body})
 
 
+async def _json_schema_as_llama_takes_it(receive):
+    """OpenAI's response_format json_schema, which llama.cpp's server ignores, in the form it enforces.
+
+    llama-cpp-python constrains output only for {"type": "json_object",
+    "schema": ...}; a real provider honours json_schema, so the stand-in does too.
+    """
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    try:
+        request = json.loads(body or b"{}")
+    except ValueError:
+        request = None
+    fmt = request.get("response_format") if isinstance(request, dict) else None
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        request["response_format"] = {"type": "json_object", "schema": (fmt.get("json_schema") or {}).get("schema")}
+        body = json.dumps(request).encode()
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
 _CHUNK = {"id": "chatcmpl-fixed", "object": "chat.completion.chunk", "created": 0, "model": "tiny"}
 
 
@@ -146,6 +178,11 @@ def main() -> None:
     from llama_cpp.server.app import create_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
+    from byzer_magic.backends.llama_cpp import strict_json_strings
+
+    # The provider's JSON strings hold no raw control characters, as a real provider's never do.
+    strict_json_strings()
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
     parser.add_argument("--port", type=int, required=True)
@@ -156,7 +193,12 @@ def main() -> None:
         server_settings=ServerSettings(
             host="127.0.0.1", port=args.port, api_key=args.api_key, interrupt_requests=False
         ),
-        model_settings=[ModelSettings(model=args.model, model_alias="tiny", n_ctx=512, verbose=False)],
+        model_settings=[
+            ModelSettings(model=args.model, model_alias="tiny", n_ctx=512, verbose=False),
+            # As a provider's tool-capable model: answers `tools` with tool_calls (a named tool_choice streams too).
+            ModelSettings(model=args.model, model_alias="tiny-tools", n_ctx=512, verbose=False,
+                          chat_format="chatml-function-calling"),
+        ],
     )
     uvicorn.run(Observed(app, args.delay), host="127.0.0.1", port=args.port, log_level="warning")
 
