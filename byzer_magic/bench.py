@@ -118,10 +118,17 @@ def summarize(concurrency: int, samples: list[Sample], duration: float, task: st
     return row
 
 
-def _task_of(name: str, ray_address: str | None) -> str:
+def _facts(name: str, ray_address: str | None) -> tuple[str, bool]:
+    """The deployment's task, and whether its backend takes ignore_eos (answers of a fixed length where it does)."""
+    from . import backends
     from .deploy import require
 
-    return str(require(name, ray_address=ray_address).details.get("task") or "chat")
+    details = require(name, ray_address=ray_address).details
+    try:
+        takes = backends.find(str(details.get("backend") or "")).capabilities.ignore_eos
+    except (KeyError, ImportError):
+        takes = False
+    return str(details.get("task") or "chat"), takes
 
 
 def run(name: str, options: BenchOptions, *, ray_address: str | None = None, progress: bool = True) -> Any:
@@ -134,8 +141,9 @@ def run(name: str, options: BenchOptions, *, ray_address: str | None = None, pro
 
     from .chat import client_loop
 
-    task = _task_of(name, ray_address)
+    task, ignore_eos = _facts(name, ray_address)
     connection = _via(name, options, task, ray_address)
+    connection.ignore_eos = ignore_eos
     rows = []
     for level in options.levels():
         done = [0]
@@ -206,6 +214,9 @@ def _via(name: str, options: BenchOptions, task: str, ray_address: str | None) -
 class _Connection:
     """An async context giving `send(prompt, sample)` for one level, opened and closed on the client loop."""
 
+    ignore_eos = False
+    """Asked of backends that take it, so every answer runs to max_tokens; the others are refused it."""
+
     def __init__(self, name: str, options: BenchOptions, task: str):
         self.name, self.options, self.task = name, options, task
 
@@ -221,7 +232,7 @@ class _Handle(_Connection):
         from .backends.base import GenParams
         from .chat import astream
 
-        gen = GenParams(max_tokens=self.options.max_tokens, ignore_eos=True)
+        gen = GenParams(max_tokens=self.options.max_tokens, ignore_eos=self.ignore_eos)
         pieces = ids = reported = 0
         async for delta in astream(self.name, [{"role": "user", "content": prompt}], gen):
             if delta.text:
@@ -257,7 +268,8 @@ class _Endpoint(_Connection):
     async def chat(self, prompt: str, sample: Sample) -> None:
         stream = await self._client.chat.completions.create(
             model=self.name, messages=[{"role": "user", "content": prompt}], max_tokens=self.options.max_tokens,
-            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+            stream=True, stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True} if self.ignore_eos else None)
         pieces = reported = 0
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
