@@ -139,7 +139,6 @@ class Capabilities:
     """tools, tool_choice and parallel_tool_calls; answers may carry tool calls."""
     structured_output: bool = False
     """response_format json_object and json_schema."""
-    # Sampling and forwarding fields follow.
     seed: bool = False
     penalties: bool = False
     """presence_penalty and frequency_penalty, as OpenAI defines them."""

@@ -85,7 +85,6 @@ class Backend(base.Backend):
     capabilities = Capabilities(
         tools=False,
         structured_output=False,
-        # Sampling and forwarding fields follow.
         seed=True,
         penalties=False,
         logit_bias=True,

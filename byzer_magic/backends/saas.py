@@ -93,7 +93,6 @@ class Backend(base.Backend):
     capabilities = Capabilities(
         tools=True,
         structured_output=True,
-        # Sampling and forwarding fields follow.
         seed=True,
         penalties=True,
         logit_bias=True,
