@@ -51,6 +51,11 @@ def hosts(cpus: float, gpus: float, resources: Mapping[str, float]) -> list[dict
         if not any(node.get("Resources", {}).get(name, 0) + 1e-9 >= amount for node in nodes):
             raise DeployError(f"--resources {name}={amount:g}: no node of the cluster has that much {name}; the "
                               f"cluster's resources are {', '.join(cluster_resources(nodes))}")
+    most_gpus = max((node.get("Resources", {}).get("GPU", 0) for node in nodes), default=0)
+    if gpus > 1 and 0 < most_gpus < gpus:
+        raise DeployError(f"--gpus_per_worker {gpus:g}: a worker's GPUs must all be on one node (vLLM's tensor "
+                          f"parallelism runs inside one worker), and the most GPUs one node of this cluster has is "
+                          f"{most_gpus:g}; use --gpus_per_worker {most_gpus:g} with more workers instead")
     found = [node for node in nodes if _fits(node, _asks(cpus, gpus, resources))]
     if not found:
         asked = ", ".join(f"{amount:g} {name}" for name, amount in _asks(cpus, gpus, resources).items() if amount)

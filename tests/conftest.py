@@ -250,8 +250,8 @@ class Nodes:
 
 NODE_LAYOUT = {
     "head": {"num_cpus": 2, "resources": {"zone_a": 4}},
-    "b1": {"num_cpus": 2, "resources": {"zone_b": 4}},
-    "b2": {"num_cpus": 2, "resources": {"zone_b": 4, "accel_x": 2}},
+    "b1": {"num_cpus": 2, "num_gpus": 1, "resources": {"zone_b": 4}},
+    "b2": {"num_cpus": 2, "num_gpus": 1, "resources": {"zone_b": 4, "accel_x": 2}},
 }
 """Each node's CPUs and custom resources; README's "Several nodes" starts the same cluster by hand."""
 _FAST_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
@@ -267,7 +267,7 @@ def _node_ports() -> list[str]:
 
 def _start_node(layout: dict, head: str | None, temp_dir: str | None = None, port: int | None = None,
                 hide: Path | None = None, log: Path | None = None) -> subprocess.Popen:
-    cmd = ["ray", "start", "--block", f"--num-cpus={layout['num_cpus']}", "--num-gpus=0",
+    cmd = ["ray", "start", "--block", f"--num-cpus={layout['num_cpus']}", f"--num-gpus={layout.get('num_gpus', 0)}",
            f"--resources={json.dumps(layout['resources'])}", "--disable-usage-stats", *_node_ports()]
     if head is None:
         cmd += ["--head", f"--port={port}", f"--temp-dir={temp_dir}", "--include-dashboard=false"]

@@ -106,3 +106,15 @@ def test_the_cards_buttons_move_an_autoscaling_range():
     assert card.minus.disabled and card._step(-1) == (0, 0)
     card.refresh(DeploymentStatus("m", "scaling", 2, 3, "scaling up to 3 workers"))
     assert "scaling up to 3 workers" in card.body.value
+
+
+def test_gpus_per_worker_beyond_any_one_node_is_refused_naming_the_most_one_node_has(monkeypatch):
+    """The pure rule behind the several-node test: two nodes of one GPU each cannot hold a worker of two."""
+    from byzer_magic import placement
+    from byzer_magic.errors import DeployError
+
+    nodes = [{"NodeID": f"n{i}", "Alive": True, "Resources": {"CPU": 2.0, "GPU": 1.0}} for i in range(2)]
+    monkeypatch.setattr(placement, "alive_nodes", lambda: nodes)
+    with pytest.raises(DeployError, match=r"--gpus_per_worker 2: .* the most GPUs one node of this cluster has is 1;"):
+        placement.hosts(1, 2, {})
+    assert placement.hosts(1, 1, {}) == nodes

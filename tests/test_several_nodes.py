@@ -107,6 +107,19 @@ def test_a_model_path_missing_on_one_node_is_refused_naming_it(driver, three_nod
     driver("deploy.undeploy('pathcheck')")
 
 
+def test_a_worker_of_two_gpus_on_nodes_of_one_gpu_each_is_refused_before_anything_starts(driver, tiny_model):
+    """Tensor parallelism needs a worker's GPUs on one node: b1 and b2 declare one GPU each (Ray takes the count as
+    given, no GPU needed), so two GPUs per worker fit the cluster's total and still no node."""
+    flags = ["--model", "tp2", "--pretrained_model_type", "custom/auto", "--infer_backend", "vllm",
+             "--model_path", str(tiny_model.hf_dir), "--gpus_per_worker", "2"]
+    with pytest.raises(DriverError) as refused:
+        driver(f"out = deploy.deploy(parse_args({flags!r}))")
+    message = str(refused.value)
+    assert "--gpus_per_worker 2: a worker's GPUs must all be on one node" in message, message
+    assert "the most GPUs one node of this cluster has is 1" in message, message
+    nothing_deployed(driver)
+
+
 def test_a_node_dies_and_returns(driver, three_nodes, clean_server):
     """One worker per node; b2 is killed mid-request and joins again. The seconds of each step are printed."""
     line = driver(saas(clean_server, "spread", "--num_workers", "3", "--max_workers_per_node", "1"))
