@@ -12,8 +12,8 @@ __version__ = "0.1.0"
 
 
 def endpoint_key() -> str:
-    """The key `%byzer_serve` made for this user when none was given (see byzer_magic.endpoint_key)."""
-    from .endpoint_key import endpoint_key as read
+    """The key `%byzer_serve` made for this user when none was given (see byzer_magic.key_store)."""
+    from .key_store import endpoint_key as read
 
     return read()
 

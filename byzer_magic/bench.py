@@ -195,7 +195,7 @@ def _via(name: str, options: BenchOptions, task: str, ray_address: str | None) -
         raise NotDeployedError("--via endpoint needs the OpenAI endpoint running: start it with %byzer_serve "
                                "(or bench with --via handle)")
     if found.generated_key:
-        from .endpoint_key import endpoint_key
+        from .key_store import endpoint_key
 
         key = endpoint_key()
     elif options.api_key:

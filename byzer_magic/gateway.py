@@ -28,7 +28,7 @@ from typing import Any, AsyncIterator, Iterator
 from .backends.base import Delta, Embeddings, GenParams, Messages
 from .cluster import connect, worker_runtime_env
 from .errors import DeployError, NotDeployedError
-from .endpoint_key import endpoint_key, key_file
+from .key_store import endpoint_key, key_file
 from .openai_api import LOOPBACK_NAMES, build_app, key_digest, trusted_hosts
 from .options import RESERVED_NAME, SERVE_DEFAULTS
 

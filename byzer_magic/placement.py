@@ -58,6 +58,7 @@ def hosts(cpus: float, gpus: float, resources: Mapping[str, float]) -> list[dict
                           f"{most_gpus:g}; use --gpus_per_worker {most_gpus:g} with more workers instead")
     found = [node for node in nodes if _fits(node, _asks(cpus, gpus, resources))]
     if not found:
+        _check_totals(1, cpus, gpus, resources)
         asked = ", ".join(f"{amount:g} {name}" for name, amount in _asks(cpus, gpus, resources).items() if amount)
         raise DeployError(f"no node of the cluster has all that one worker asks for ({asked}) at once: lower "
                           f"--cpus_per_worker, --gpus_per_worker or --resources")
@@ -66,22 +67,28 @@ def hosts(cpus: float, gpus: float, resources: Mapping[str, float]) -> list[dict
 
 def check_room(workers: int, cpus: float, gpus: float, resources: Mapping[str, float]) -> None:
     """Refuse what the cluster cannot place, instead of waiting on it forever."""
+    _check_totals(workers, cpus, gpus, resources)
+    hosts(cpus, gpus, resources)
+
+
+def _check_totals(workers: int, cpus: float, gpus: float, resources: Mapping[str, float]) -> None:
+    """What the cluster lacks in all, or has too little of free; said before any per-node reason."""
     import ray
 
-    hosts(cpus, gpus, resources)
     total, free = ray.cluster_resources(), ray.available_resources()
     asks = [("--cpus_per_worker", "CPU", cpus), ("--gpus_per_worker", "GPU", gpus)]
     asks += [(f"--resources {name}=", name, amount) for name, amount in resources.items()]
     for flag, key, per in asks:
         need, shown = per * workers, f"{flag}{per:g}" if flag.endswith("=") else f"{flag} {per:g}"
+        unit = f"{key}s" if key in ("CPU", "GPU") else key
         if need > total.get(key, 0) + 1e-9:
             raise DeployError(
-                f"{workers} workers x {shown} need {need:g} {key}; the cluster has "
+                f"{workers} workers x {shown} need {need:g} {unit}; the cluster has "
                 f"{total.get(key, 0):g} in all. Ask for fewer workers or a smaller {flag.rstrip('=')}."
             )
         if need > free.get(key, 0) + 1e-9:
             raise DeployError(
-                f"{workers} workers x {shown} need {need:g} {key}; only {free.get(key, 0):g} "
+                f"{workers} workers x {shown} need {need:g} {unit}; only {free.get(key, 0):g} "
                 f"are free (other deployments hold the rest: see %byzer_list)."
             )
 

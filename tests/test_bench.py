@@ -19,7 +19,7 @@ import sys
 import pytest
 
 from byzer_magic import bench, deploy, gateway
-from byzer_magic.endpoint_key import endpoint_key
+from byzer_magic.key_store import endpoint_key
 from byzer_magic.option_args import validated
 from byzer_magic.options import BenchOptions
 
@@ -55,7 +55,7 @@ def vllm_bench(endpoint, tiny_model) -> dict[int, dict]:
     cmd = [sys.executable, "-m", "tests.support.vllm_bench_serve", LEVELS, "--backend", "openai-chat",
            "--base-url", endpoint.url.removesuffix("/v1"), "--endpoint", "/v1/chat/completions", "--model", NAME,
            "--tokenizer", str(tiny_model.hf_dir), "--dataset-name", "random", "--random-input-len", "32",
-           "--random-output-len", str(TOKENS), "--num-prompts", str(REQUESTS), "--ignore-eos", "--disable-tqdm",
+           "--random-output-len", str(TOKENS), "--num-prompts", str(REQUESTS), "--disable-tqdm",
            "--request-rate", "inf", "--num-warmups", "0", "--percentile-metrics", "ttft,tpot,itl,e2el"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

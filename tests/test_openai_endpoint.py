@@ -19,7 +19,7 @@ import pytest
 
 from byzer_magic import chat, deploy, gateway, raydoor
 from byzer_magic.backends.base import GenParams
-from byzer_magic.endpoint_key import endpoint_key
+from byzer_magic.key_store import endpoint_key
 from byzer_magic.errors import DeployError
 from byzer_magic.spec import parse_spec
 

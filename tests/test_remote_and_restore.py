@@ -138,7 +138,7 @@ def test_a_ray_client_driver_does_everything_a_notebook_does(head, home, clean_s
         cell("SCALED_DOWN", "%byzer_scale keyed 1")
         cell("SERVE", "%byzer_serve --port {serve_port}")
         import openai
-        from byzer_magic.endpoint_key import endpoint_key
+        from byzer_magic.key_store import endpoint_key
         client = openai.OpenAI(base_url="http://127.0.0.1:{serve_port}/v1", api_key=endpoint_key())
         try:
             pieces = client.chat.completions.create(model="keyed", messages=[{{"role": "user", "content": "hi"}}],
