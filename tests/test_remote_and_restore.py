@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import RAY_NOISE, ROOT, free_port, wait_until
+from .conftest import RAY_NOISE, ROOT, _answers, free_port, wait_until
 
 LITERAL = "sk-literal-7d1c9e5a30b24f68"
 KEYED = "sk-keyed-41f0b8d2c6e97a35"
@@ -61,14 +61,6 @@ class Head:
         self.proc.wait(10)
         self.proc = None
         wait_until(lambda: not _answers(self.port), 30, "the old head to be gone")
-
-
-def _answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
