@@ -35,18 +35,6 @@ tell Serve's autoscaler their load every second instead of every 10 s, so
 a deployment scaled to zero starts a worker soon after a request arrives.
 """
 
-QUIET_DRIVER_ENV = {"RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1"}
-"""Ray's own switch that keeps its stack dump out of a notebook's cell, unless the user set it.
-
-A kernel forwards what its process writes to stderr into the running cell,
-and Ray's failure signal handler printed a stack dump there when Jupyter
-stopped the kernel with SIGTERM. (RAY_BACKEND_LOG_LEVEL is not used: setting
-it makes Ray print a line saying so.) The driver's C++ "Failed to connect to
-GCS" retries are avoided by `probe`. An embedded Ray's processes inherit the
-switch.
-"""
-
-
 def serve_env() -> dict[str, str]:
     """SERVE_ENV with the user's own values winning."""
     return {key: os.environ.get(key, value) for key, value in SERVE_ENV.items()}
@@ -143,22 +131,22 @@ def connect(address: str | None = None, *, embedded_ok: bool = True) -> str:
                     "deployed: `ray start --head` starts a shared one, %%byzer_deploy in a notebook starts "
                     "one in its kernel, --ray_address names another"
                 )
-            for key, value in QUIET_DRIVER_ENV.items():
-                os.environ.setdefault(key, value)
+            # A kernel forwards its stderr into the running cell: no stack dump there when Jupyter stops it.
+            raydoor.quiet_failure_signal_handler()
             # ERROR: Ray's Python warnings (such as the one saying token authentication is on) stay out of cells.
             kwargs = dict(logging_level=logging.ERROR, log_to_driver=False, namespace="byzer_magic")
             try:
                 if target:
                     probe(target, source)
                     raydoor.use_token_if_present()
-                    ray.init(address=target, **kwargs)
+                    _join(target, kwargs)
                 else:
                     ray.init(address="local", include_dashboard=False, **kwargs)
                     _embedded = True
                     _start_reaper()
             except (ConnectionError, RuntimeError, ValueError, OSError) as exc:
                 where = f"connect to Ray at {target}" if target else "start a local Ray"
-                raise DeployError(f"cannot {where}: {exc}") from None
+                raise DeployError(f"cannot {where}: {_one_paragraph(exc)}") from None
         # The driver's router warns of every worker it lost and of a Ray Client link it closes; the card says so.
         logging.getLogger("ray.serve").setLevel(logging.ERROR)
         serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
@@ -167,6 +155,35 @@ def connect(address: str | None = None, *, embedded_ok: bool = True) -> str:
 
 
 _embedded = False
+
+_CLIENT_SERVER_FAILED = "Starting Ray client server failed"
+"""What Ray Client's proxy answers when the per-driver server it spawned died at once.
+
+It happened to the first driver of a freshly started head here (the spawned
+process exited within 50 ms, its logs empty) while the next one was served:
+a driver asks once more before it reports the failure.
+"""
+
+
+def _one_paragraph(exc: Exception) -> str:
+    """Ray's reason for refusing a driver, as one paragraph: a server's traceback shrinks to its last line."""
+    text = str(exc)
+    if "Traceback (most recent call last)" in text:
+        return raydoor.reason_in(text)
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def _join(target: str, kwargs: dict) -> None:
+    """`ray.init` on a cluster's address, asking Ray Client's proxy twice."""
+    import ray
+
+    for attempt in (1, 2):
+        try:
+            ray.init(address=target, **kwargs)
+            return
+        except (ConnectionError, RuntimeError) as exc:
+            if attempt == 2 or not target.startswith("ray://") or _CLIENT_SERVER_FAILED not in str(exc):
+                raise
 
 
 def _start_reaper() -> None:

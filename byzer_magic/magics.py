@@ -14,7 +14,7 @@ from typing import Any, Callable
 import ipywidgets as widgets
 from IPython.core.error import UsageError
 from IPython.display import display
-from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, magics_class
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Bool, Float, Int, TraitError, TraitType, Unicode, observe, validate
 from traitlets.config import Configurable
@@ -70,8 +70,11 @@ Examples::
     --pretrained_model_type custom/auto --infer_backend llama_cpp
     --model_path /models/tiny.gguf --infer_params n_ctx=512   # comments are fine
 
+    %byzer_deploy --model emb --pretrained_model_type custom/bge --model_path /models/bge
+
 Flags may sit on the magic's line or in the cell, over several lines, with
-`\\` continuations; ${{VAR}} and $VAR come from the environment.
+`\\` continuations; ${{VAR}} and $VAR come from the environment. A pasted
+one-line `byzerllm deploy` command works as the line magic `%byzer_deploy`.
 
 Flags:
 {flags}
@@ -153,10 +156,10 @@ class ByzerMagics(Magics, Configurable):
         Magics.__init__(self, shell=shell, **kwargs)
         self._live_cards: dict[str, StatusCard] = {}
 
-    @cell_magic
+    @line_cell_magic
     @_friendly
-    def byzer_deploy(self, line: str, cell: str) -> DeploymentStatus | None:
-        spec = parse_spec(f"{line}\n{cell}")
+    def byzer_deploy(self, line: str, cell: str | None = None) -> DeploymentStatus | None:
+        spec = parse_spec(f"{line}\n{cell or ''}")
         if self.ray_address and not spec.ray_address:
             from dataclasses import replace
 

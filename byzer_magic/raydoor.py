@@ -112,6 +112,23 @@ def use_token_if_present() -> None:
         quiet.setLevel(level)
 
 
+def quiet_failure_signal_handler() -> None:
+    """Keep Ray's SIGTERM stack dump out of this driver's stderr (a notebook's cell).
+
+    Ray reads `RAY_DISABLE_FAILURE_SIGNAL_HANDLER` into a constant when it is
+    first imported, and installs the handler at `ray.init` from that constant:
+    setting the variable after a user's `import ray` changes nothing, so the
+    constant is set too. A user's own value of the variable wins.
+    """
+    import os
+
+    if os.environ.get("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1") in ("0", "false", "False"):
+        return
+    os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "1"
+    _private("ray._private.ray_constants", "RAY_DISABLE_FAILURE_SIGNAL_HANDLER")  # one sentence if Ray moved it
+    importlib.import_module("ray._private.ray_constants").RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+
+
 HEAD_NODE_RESOURCE = "node:__internal_head__"
 """The custom resource Ray gives the head node alone: where the OpenAI endpoint runs for a Ray Client driver."""
 

@@ -19,6 +19,8 @@ MAGIC_CASES = [
     ("%%byzer_deploy\n", "cell body is empty|no flags given"),
     ("%%byzer_deploy\n# only a comment\n", "no flags given"),
     ("%%byzer_deploy\n--model a --bogus 1", "unknown flag --bogus"),
+    ("%byzer_deploy --model a --infer_backend tgi --model_path /m", "'tgi' is not a backend"),
+    ("%byzer_deploy byzerllm deploy --model a --infer_backend llama_cpp", "--model_path is required"),
     ("%%byzer_deploy\n--model a --num_wokers 2 " + LLAMA, "Did you mean --num_workers"),
     ("%%byzer_deploy\n--model a --num_workers 0 " + LLAMA, "--num_workers must be from 1 to 256"),
     ("%%byzer_deploy\n--model a --num_workers -3 " + LLAMA, "--num_workers must be from 1 to 256"),

@@ -1,10 +1,18 @@
-"""The door to Ray's private parts: its sentences when Ray moved something, and the traceback reader (no cluster)."""
+"""The door to Ray's private parts: its sentences when Ray moved something, the traceback reader (no cluster),
+and a driver stopped as Jupyter stops a kernel (the session's cluster)."""
 from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import ray
 
 from byzer_magic import raydoor
+
+from .conftest import RAY_NOISE, ROOT
 
 
 def test_a_moved_private_api_is_one_sentence_naming_the_ray_version_and_the_api():
@@ -25,6 +33,7 @@ def test_an_older_ray_than_the_range_is_refused_by_name(monkeypatch):
 def test_every_private_api_the_package_uses_is_where_this_ray_keeps_it():
     raydoor._private("ray._private.services", "get_ray_address_from_environment")
     raydoor._private("ray.serve.context", "_get_global_client")
+    raydoor._private("ray._private.ray_constants", "RAY_DISABLE_FAILURE_SIGNAL_HANDLER")
     for name in ("put", "get", "del", "list"):
         raydoor._kv(name)
     if raydoor.can_scale_in_place():
@@ -39,3 +48,24 @@ def test_every_private_api_the_package_uses_is_where_this_ray_keeps_it():
 ])
 def test_the_reason_is_read_out_of_serves_traceback_text(message, reason):
     assert raydoor.reason_in(message) == reason
+
+
+def test_a_driver_that_imported_ray_first_is_stopped_without_a_stack_dump(ray_head):
+    """Ray reads its signal-handler switch at import: a notebook's own `import ray` came before byzer_magic's."""
+    code = f"""
+        import ray, sys
+        from byzer_magic.cluster import connect
+        connect("{ray_head.address}")
+        print("UP", flush=True)
+        sys.stdin.readline()
+    """
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert proc.stdout.readline().strip() == "UP", proc.stderr.read()
+        proc.send_signal(signal.SIGTERM)  # what Jupyter does to stop a kernel
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode in (-signal.SIGTERM, signal.SIGTERM)  # Ray exits 15 itself
+    assert not RAY_NOISE.search(err), err

@@ -108,3 +108,12 @@ def test_an_address_nobody_answers_fails_in_seconds_naming_where_it_came_from(tm
     assert f"(`ray start --head --ray-client-server-port={dead}`)" in said[0]
     assert all(float(t) < 10 for t in re.findall(r"^TOOK (\S+)", done.stdout, re.M)), done.stdout
     assert "Failed to connect" not in done.stderr and "Traceback" not in done.stdout + done.stderr
+
+
+def test_rays_refusal_of_a_driver_is_one_paragraph_without_the_servers_traceback():
+    from byzer_magic.cluster import _one_paragraph
+
+    served = RuntimeError("Initialization failure from server:\nTraceback (most recent call last):\n  File \"x.py\"\n"
+                          "RuntimeError: Starting Ray client server failed. See ray_client_server_23000.err.")
+    assert _one_paragraph(served) == "RuntimeError: Starting Ray client server failed. See ray_client_server_23000.err."
+    assert _one_paragraph(RuntimeError("Version mismatch:\n  Ray 2.60\n  Ray 2.48")) == "Version mismatch: Ray 2.60 Ray 2.48"
