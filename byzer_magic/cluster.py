@@ -133,6 +133,7 @@ def connect(address: str | None = None, *, embedded_ok: bool = True) -> str:
                 )
             # A kernel forwards its stderr into the running cell: no stack dump there when Jupyter stops it.
             raydoor.quiet_failure_signal_handler()
+            raydoor.quiet_cluster_messages()
             # ERROR: Ray's Python warnings (such as the one saying token authentication is on) stay out of cells.
             kwargs = dict(logging_level=logging.ERROR, log_to_driver=False, namespace="byzer_magic")
             try:

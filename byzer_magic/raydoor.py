@@ -129,6 +129,34 @@ def quiet_failure_signal_handler() -> None:
     importlib.import_module("ray._private.ray_constants").RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
 
 
+CLUSTER_MESSAGES = logging.getLogger("byzer_magic.ray")
+"""Where the cluster's messages to this driver go (a node marked dead, a worker killed): INFO, unseen by default."""
+
+
+def quiet_cluster_messages() -> None:
+    """Send what the cluster tells this driver to `CLUSTER_MESSAGES`, not to stdout (a notebook's cell).
+
+    Ray's driver prints each such message as a `(raylet) ...` line on stdout
+    whatever `log_to_driver` says, from a thread it starts in `ray.init`; the
+    status card and the one-paragraph errors already say what a user needs
+    (a worker died, the deployment is degraded). Set before `ray.init`.
+    """
+    module = importlib.import_module("ray._private.worker")
+    printer = _private("ray._private.worker", "print_to_stdstream")
+    if getattr(printer, "quiet", False):
+        return
+
+    def to_log(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") != "raylet":
+            printer(data, ignore_prefix)
+            return
+        for line in data.get("lines", ()):
+            CLUSTER_MESSAGES.info("%s", line)
+
+    to_log.quiet = True  # type: ignore[attr-defined]
+    module.print_to_stdstream = to_log
+
+
 HEAD_NODE_RESOURCE = "node:__internal_head__"
 """The custom resource Ray gives the head node alone: where the OpenAI endpoint runs for a Ray Client driver."""
 

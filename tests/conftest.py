@@ -30,6 +30,10 @@ os.environ.setdefault("BYZER_MAGIC_HOME", tempfile.mkdtemp(prefix="byzer-home-")
 os.environ.setdefault("BYZER_TEST_NODE_KEY", "sk-node-5e1f7a3c9b2d4f60")
 """A key the test cluster's nodes have in their environment (`ray start` inherits it), for saas.api_key=node-env:."""
 """The endpoint's generated key goes to a folder of the test run's, not the user's home."""
+os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
+"""Every raylet the tests start (heads, joining nodes, notebooks' embedded Rays) waits up to 3 min for its
+runtime-env agent, not Ray's 30 s, which a busy 2-core machine can miss (the dashboard agent's wait is fixed
+in Ray 2.60: see `Nodes.join`)."""
 
 
 def free_port() -> int:
@@ -233,9 +237,22 @@ class Nodes:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
 
-    def join(self, name: str) -> None:
+    def join(self, name: str, attempts: int = 3) -> None:
+        """Start a node and wait until the cluster counts it; a node whose raylet died at start is started again.
+
+        Ray 2.60's raylet gives its dashboard agent a fixed 15 s to write its
+        port files and aborts otherwise; with several nodes starting at once on
+        2 busy cores an agent's imports took longer. Nodes join one at a time,
+        and a failed start is retried, as a user would rerun `ray start`.
+        """
         hide = self.hidden if name == "b2" else None
-        self.procs[name] = _start_node(NODE_LAYOUT[name], self.address, hide=hide, log=self.log(name))
+        for _ in range(attempts):
+            proc = self.procs[name] = _start_node(NODE_LAYOUT[name], self.address, hide=hide, log=self.log(name))
+            wait_until(lambda: proc.poll() is not None or node_count(self.address) == len(self.procs), 120,
+                       f"node {name}")
+            if proc.poll() is None:
+                return
+        raise TimeoutError(f"node {name} did not start in {attempts} tries: {self.why_not()}")
 
     def log(self, name: str) -> Path:
         return Path(self.temp_dir) / f"node-{name}.log"
@@ -290,7 +307,7 @@ def _start_node(layout: dict, head: str | None, temp_dir: str | None = None, por
 def node_count(address: str, verbose: bool = False):
     """Alive nodes, asked of the cluster by a short driver process (pytest's own is joined to `ray_head`)."""
     code = ("import ray, sys; from byzer_magic import raydoor; raydoor.use_token_if_present(); "
-            "ray.init(address=sys.argv[1], logging_level='ERROR'); print(len([n for n in ray.nodes() if n['Alive']]))")
+            "ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); print(len([n for n in ray.nodes() if n['Alive']]))")
     done = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=120)
     if verbose:
         return f"exit {done.returncode}: {(done.stdout + done.stderr)[-800:]}"

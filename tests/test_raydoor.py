@@ -34,6 +34,7 @@ def test_every_private_api_the_package_uses_is_where_this_ray_keeps_it():
     raydoor._private("ray._private.services", "get_ray_address_from_environment")
     raydoor._private("ray.serve.context", "_get_global_client")
     raydoor._private("ray._private.ray_constants", "RAY_DISABLE_FAILURE_SIGNAL_HANDLER")
+    raydoor._private("ray._private.worker", "print_to_stdstream")
     for name in ("put", "get", "del", "list"):
         raydoor._kv(name)
     if raydoor.can_scale_in_place():

@@ -12,6 +12,7 @@ import select
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -20,22 +21,23 @@ import pytest
 from .conftest import ROOT
 
 
-pytestmark = pytest.mark.skip(reason="the three-node fixture did not come up in the merged tree's full run (its "
-                              "tests erred at setup) and there was no time left to find out why; issue 16 stays open "
-                              "for it")
-
 class Driver:
     """A driver process joined to the several-node cluster; `driver(code)` runs code there and returns its `out`."""
 
     def __init__(self, address: str):
+        self.stderr = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.support.driver", address], cwd=ROOT, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr)
         assert self._answer(120) == {"out": "connected"}
 
     def _answer(self, timeout: float) -> dict:
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         assert ready, f"the driver did not answer within {timeout} s"
-        return json.loads(self.proc.stdout.readline())
+        line = self.proc.stdout.readline()
+        if not line:
+            self.stderr.seek(0)
+            raise AssertionError(f"the driver exited ({self.proc.wait(10)}): {self.stderr.read()[-3000:]}")
+        return json.loads(line)
 
     def __call__(self, code: str, timeout: float = 300) -> Any:
         self.proc.stdin.write(json.dumps(code) + "\n")
@@ -136,7 +138,7 @@ def test_a_node_dies_and_returns(driver, three_nodes, clean_server):
            "def one():\n"
            "    try: results.append(('ok', chat.chat('spread', 'hi').text))\n"
            "    except Exception as exc: results.append(('error', str(exc)))\n"
-           "threads = [threading.Thread(target=one) for _ in range(3)]\n"
+           "threads = [threading.Thread(target=one) for _ in range(6)]\n"
            "[t.start() for t in threads]\n"
            "time.sleep(1.5)")
     killed = time.monotonic()
@@ -148,8 +150,10 @@ def test_a_node_dies_and_returns(driver, three_nodes, clean_server):
     seen_s = time.monotonic() - killed
     assert driver("out = deploy.status('spread').state") == "degraded"
     results = driver("[t.join(120) for t in threads]\nout = results")
-    assert sorted(kind for kind, _ in results) == ["error", "ok", "ok"], results
-    assert any("the worker died while answering" in text for kind, text in results if kind == "error"), results
+    # Six chats on three workers, two each as Serve's router spreads them: those on b2's worker fail, the rest answer.
+    errors = [text for kind, text in results if kind == "error"]
+    assert 1 <= len(errors) <= 3 and len(results) == 6, results
+    assert all("the worker died while answering" in text for text in errors), results
     clean_server.control(delay=0.2)
     survivors = driver("t = time.monotonic()\nout = [chat.chat('spread', 'hi').text for _ in range(4)], "
                        "time.monotonic() - t")
