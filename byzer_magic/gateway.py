@@ -285,21 +285,26 @@ def start(
         health_check_period_s=2,
         graceful_shutdown_timeout_s=5,
     ))).bind(host, port, key_digest(api_key), trusted_hosts(host, allowed_hosts), int(max_body_mb * 2**20))
-    deadline = time.monotonic() + timeout
     try:
         start_app(app, GATEWAY_APP)
-        while True:
-            found = endpoint()
-            if found and found.state == "running":
-                return found
-            if found and found.state == "failed":
-                raise DeployError(f"the OpenAI endpoint did not start: {found.message}")
-            if time.monotonic() > deadline:
-                raise DeployError(f"the OpenAI endpoint was not up within {timeout:g} s")
-            time.sleep(0.05)
+        return _wait_running(timeout)
     except BaseException:
         _delete(metrics_dir)
         raise
+
+
+def _wait_running(timeout: float) -> Endpoint:
+    """The endpoint once Serve says it runs; a DeployError when it failed or is not up in time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = endpoint()
+        if found and found.state == "running":
+            return found
+        if found and found.state == "failed":
+            raise DeployError(f"the OpenAI endpoint did not start: {found.message}")
+        if time.monotonic() > deadline:
+            raise DeployError(f"the OpenAI endpoint was not up within {timeout:g} s")
+        time.sleep(0.05)
 
 
 def _delete(metrics_dir: str | None = None) -> None:
