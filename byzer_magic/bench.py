@@ -23,6 +23,7 @@ from typing import Any, Awaitable, Callable
 
 from .errors import NotDeployedError, SpecError
 from .options import BenchOptions
+from .status import State
 
 _WORDS = ("time year people way day man thing woman life child world school state family student group country "
           "problem hand part place case week company system program question work government number night point "
@@ -191,7 +192,7 @@ def _via(name: str, options: BenchOptions, task: str, ray_address: str | None) -
     from . import gateway
 
     found = gateway.endpoint(ray_address=ray_address)
-    if found is None or found.state != "running":
+    if found is None or found.state != State.RUNNING:
         raise NotDeployedError("--via endpoint needs the OpenAI endpoint running: start it with %byzer_serve "
                                "(or bench with --via handle)")
     if found.generated_key:

@@ -19,7 +19,7 @@ from .errors import DeployError, NotDeployedError, SpecError, redact
 from .options import MAX_WORKERS
 from .spec import DeploySpec
 from .serve_status import ours, table_of, to_status
-from .status import DeploymentStatus, StatusTable
+from .status import DeploymentStatus, State, StatusTable
 from .worker import PRELOAD_ENV, WORKER_NAME, Worker
 
 Progress = Callable[[DeploymentStatus], None]
@@ -49,7 +49,7 @@ def status(name: str, *, ray_address: str | None = None, with_metrics: bool = Fa
     connect(ray_address, embedded_ok=False)
     app = serve_details().get("applications", {}).get(name)
     found = to_status(name, app)
-    if not with_metrics or found.state == "stopped":
+    if not with_metrics or found.state == State.STOPPED:
         return found
     replicas = [r.get("replica_id", "") for r in ours(app).get("replicas", []) if r.get("state") == "RUNNING"]
     return replace(found, metrics=metrics.combine(metrics.read(name, replicas), metrics.read_outstanding(name)))
@@ -64,7 +64,7 @@ def list_deployments(*, ray_address: str | None = None) -> StatusTable:
 def require(name: str, *, ray_address: str | None = None, with_metrics: bool = False) -> DeploymentStatus:
     """The status of a deployment that must exist; the error lists those that do."""
     current = status(name, ray_address=ray_address, with_metrics=with_metrics)
-    if current.state == "stopped":
+    if current.state == State.STOPPED:
         names = [row.name for row in list_deployments().rows]
         known = f"deployed now: {', '.join(names)}" if names else "nothing is deployed"
         raise NotDeployedError(f"no deployment named {name!r} ({known})")
@@ -145,7 +145,7 @@ def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> Deployme
     if spec.model_path:
         placement.check_model_path(spec.model_path, spec.backend, nodes)
     existing = to_status(spec.name, app)
-    if existing.state != "stopped":
+    if existing.state != State.STOPPED:
         if not spec.force:
             raise DeployError(
                 f"a deployment named {spec.name!r} already exists ({existing.line()}). Chat with it, "
@@ -198,12 +198,12 @@ def _wait(name: str, workers: int, deadline: float, on_progress: Progress | None
         if current != last and on_progress:
             on_progress(current)
         last = current
-        if current.state == "failed":
+        if current.state == State.FAILED:
             raise DeployError(f"deploying {name!r} failed: {current.message}")
-        if exact and (current.state == "ready" and current.workers_ready == workers == current.workers_wanted
+        if exact and (current.state == State.READY and current.workers_ready == workers == current.workers_wanted
                       and len(current.workers) == workers and current.max_workers is None):
             return current
-        if (not exact and current.state in ("ready", "scaling") and current.workers_ready >= workers
+        if (not exact and current.state in (State.READY, State.SCALING) and current.workers_ready >= workers
                 and (current.min_workers, current.max_workers) == bounds):
             return current
         if time.monotonic() > deadline:

@@ -31,6 +31,7 @@ from .errors import DeployError, NotDeployedError
 from .key_store import endpoint_key, key_file
 from .openai_api import LOOPBACK_NAMES, build_app, key_digest, trusted_hosts
 from .options import RESERVED_NAME, SERVE_DEFAULTS
+from .status import State
 
 GATEWAY_APP = RESERVED_NAME
 GATEWAY_NAME = "ByzerGateway"
@@ -186,7 +187,7 @@ class Endpoint:
     host: str
     port: int
     auth: bool
-    state: str
+    state: State
     message: str = ""
     generated_key: bool = False
 
@@ -201,7 +202,7 @@ class Endpoint:
         else:
             key = "API key required" if self.auth else "no API key"
         text = f"OpenAI-compatible endpoint {self.state} at {self.url} ({key})"
-        if self.state != "stopped":
+        if self.state != State.STOPPED:
             text += "; stop it with %byzer_serve --stop"
         return f"{text}: {self.message}" if self.message else text
 
@@ -218,8 +219,8 @@ def endpoint(*, ray_address: str | None = None) -> Endpoint | None:
     if not dep or app.get("status") == "DELETING":
         return None
     where = dep.get("deployment_config", {}).get("user_config") or {}
-    state = {"RUNNING": "running", "DEPLOY_FAILED": "failed"}.get(app.get("status", ""), "starting")
-    message = reason_in(dep.get("message") or app.get("message") or "") if state != "running" else ""
+    state = {"RUNNING": State.RUNNING, "DEPLOY_FAILED": State.FAILED}.get(app.get("status", ""), State.STARTING)
+    message = reason_in(dep.get("message") or app.get("message") or "") if state != State.RUNNING else ""
     return Endpoint(str(where.get("host")), int(where.get("port") or 0), bool(where.get("auth")), state, message,
                     where.get("key") == "generated")
 
@@ -228,7 +229,7 @@ def _keeps(current: Endpoint | None, host: str, port: int, generated: bool, forc
     """Whether the running endpoint stays: a plain repeat keeps it; opening a loopback one to the network needs force."""
     if current is None or force:
         return False
-    if current.state == "running" and (current.host, current.port) == (host, port) and generated and current.generated_key:
+    if current.state == State.RUNNING and (current.host, current.port) == (host, port) and generated and current.generated_key:
         return True
     if current.host in LOOPBACK_NAMES and host not in LOOPBACK_NAMES:
         raise DeployError(
@@ -298,9 +299,9 @@ def _wait_running(timeout: float) -> Endpoint:
     deadline = time.monotonic() + timeout
     while True:
         found = endpoint()
-        if found and found.state == "running":
+        if found and found.state == State.RUNNING:
             return found
-        if found and found.state == "failed":
+        if found and found.state == State.FAILED:
             raise DeployError(f"the OpenAI endpoint did not start: {found.message}")
         if time.monotonic() > deadline:
             raise DeployError(f"the OpenAI endpoint was not up within {timeout:g} s")
@@ -327,4 +328,4 @@ def stop(*, ray_address: str | None = None) -> Endpoint:
     if current is None:
         raise NotDeployedError("no OpenAI endpoint is running on this cluster (start one with %byzer_serve)")
     _delete()
-    return Endpoint(current.host, current.port, current.auth, "stopped")
+    return Endpoint(current.host, current.port, current.auth, State.STOPPED)

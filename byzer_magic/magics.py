@@ -31,7 +31,7 @@ from .option_args import arguments, check, fields, help_lines, kind_of, validate
 from .options import SERVE_DEFAULTS, BenchOptions, ChatOptions, DeployFlags, HistoryOptions, ServeFlags
 from .scaling import parse_target
 from .spec import parse_spec, settings_help
-from .status import DeploymentStatus
+from .status import DeploymentStatus, State
 from .widgets import StatusCard
 
 
@@ -167,7 +167,7 @@ class ByzerMagics(Magics, Configurable):
             use = f"embed with %byzer_embed {spec.name} TEXT" if spec.task == "embed" else f"chat with %byzer_chat {spec.name} ..."
             print(f"{spec.name} ready in {time.monotonic() - started:.1f} s: {use}")
             return result
-        card = self._card(DeploymentStatus(spec.name, "deploying", 0, spec.num_workers, "", spec.describe(),
+        card = self._card(DeploymentStatus(spec.name, State.DEPLOYING, 0, spec.num_workers, "", spec.describe(),
                                            min_workers=spec.min_workers, max_workers=spec.max_workers))
         display(card)
         try:
@@ -175,7 +175,7 @@ class ByzerMagics(Magics, Configurable):
             card.address = _ray_address()
             card.refresh(ready)
         except ByzerError as exc:
-            card.refresh(DeploymentStatus(spec.name, "failed", 0, spec.num_workers, str(exc), spec.describe(),
+            card.refresh(DeploymentStatus(spec.name, State.FAILED, 0, spec.num_workers, str(exc), spec.describe(),
                                           min_workers=spec.min_workers, max_workers=spec.max_workers))
             raise
         card.start_updates()
