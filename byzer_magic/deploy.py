@@ -158,7 +158,7 @@ def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> Deployme
     try:
         start_app(_app(spec), spec.name, scalable=not spec.autoscaling)
         bounds = (spec.min_workers, spec.max_workers) if spec.autoscaling else None
-        ready = _wait(spec.name, first, deadline, on_progress, "--deploy_timeout", bounds=bounds)  # type: ignore[arg-type]
+        ready = _wait(spec.name, first, deadline, on_progress, "raise --deploy_timeout", bounds=bounds)  # type: ignore[arg-type]
         records.save(spec, address)
         return ready
     except BaseException as exc:
@@ -177,13 +177,14 @@ def _refuse_foreign(name: str, app: dict[str, Any] | None) -> None:
         )
 
 
-def _wait(name: str, workers: int, deadline: float, on_progress: Progress | None, timeout_flag: str,
+def _wait(name: str, workers: int, deadline: float, on_progress: Progress | None, wait_longer: str,
           *, bounds: tuple[int, int] | None = None) -> DeploymentStatus:
     """Until `workers` are ready: exactly that many for a fixed count, at least that many within autoscaling `bounds`.
 
     While the application is DEPLOYING nothing in the details can finish the
     wait, so its bare status is polled (cheap for the controller), and the
-    details are read only every PROGRESS_S for on_progress.
+    details are read only every PROGRESS_S for on_progress. `wait_longer` says
+    how the caller can give a slow model more time.
     """
     exact = bounds is None
     last = None
@@ -209,7 +210,7 @@ def _wait(name: str, workers: int, deadline: float, on_progress: Progress | None
         if time.monotonic() > deadline:
             raise DeployError(
                 f"{name!r} was not ready in time ({current.workers_ready}/{workers} workers; "
-                f"{current.message or 'still starting'}); raise {timeout_flag} if the model is slow to load"
+                f"{current.message or 'still starting'}); {wait_longer} if the model is slow to load"
             )
         time.sleep(_POLL_S)
 
@@ -244,7 +245,8 @@ def scale(
         before = f"{current.range_text()} workers"
     _record_workers(name, workers)
     try:
-        return _wait(name, first, time.monotonic() + timeout, on_progress, "the scale timeout",
+        return _wait(name, first, time.monotonic() + timeout, on_progress,
+                     f"byzer_magic.deploy.scale(..., timeout=SECONDS) waits longer than {timeout:g} s",
                      bounds=None if isinstance(workers, int) else workers)
     except (DeployError, KeyboardInterrupt) as exc:
         # A scale that cannot finish goes back to where it was, instead of leaving Serve adding workers.

@@ -30,7 +30,7 @@ from .flags import read_serve_flags
 from .option_args import arguments, check, fields, help_lines, kind_of, validated
 from .options import SERVE_DEFAULTS, BenchOptions, ChatOptions, DeployFlags, HistoryOptions, ServeFlags
 from .scaling import parse_target
-from .spec import parse_spec, settings_help
+from .spec import DeploySpec, parse_spec, settings_help
 from .status import DeploymentStatus, State
 from .widgets import StatusCard
 
@@ -53,6 +53,12 @@ def _friendly(method: Callable) -> Callable:
             raise UsageError(f"%{method.__name__} interrupted") from None
 
     return wrapper
+
+
+def ready_line(spec: DeploySpec, seconds: float) -> str:
+    """What a deploy outside a notebook prints: the magic that uses it, `%byzer_embed` for an embedding model."""
+    use = f"embed with %byzer_embed {spec.name} TEXT" if spec.task == "embed" else f"chat with %byzer_chat {spec.name} ..."
+    return f"{spec.name} ready in {seconds:.1f} s: {use}"
 
 
 def _deploy_doc() -> str:
@@ -164,8 +170,7 @@ class ByzerMagics(Magics, Configurable):
         started = time.monotonic()
         if not self._in_notebook():
             result = deploy_api.deploy(spec, on_progress=self._progress)
-            use = f"embed with %byzer_embed {spec.name} TEXT" if spec.task == "embed" else f"chat with %byzer_chat {spec.name} ..."
-            print(f"{spec.name} ready in {time.monotonic() - started:.1f} s: {use}")
+            print(ready_line(spec, time.monotonic() - started))
             return result
         card = self._card(DeploymentStatus(spec.name, State.DEPLOYING, 0, spec.num_workers, "", spec.describe(),
                                            min_workers=spec.min_workers, max_workers=spec.max_workers))

@@ -175,8 +175,10 @@ def test_a_scale_the_memory_cannot_hold_is_refused_and_one_that_times_out_goes_b
         with pytest.raises(DeployError, match=r"more workers of about \d+ MiB each need .* GiB of memory free"):
             deploy.scale("too_many", 256)
         assert deploy.status("too_many").workers_wanted == 1
-        with pytest.raises(DeployError, match="scaled back to 1 workers"):
+        with pytest.raises(DeployError, match="scaled back to 1 workers") as slow:
             deploy.scale("too_many", 2, timeout=0.01)
+        assert "byzer_magic.deploy.scale(..., timeout=SECONDS) waits longer than 0.01 s" in str(slow.value)
+        assert "scale timeout" not in str(slow.value)
         wait_until(lambda: len(alive_replicas("too_many")) == 1 and deploy.status("too_many").workers_wanted == 1,
                    60, "the scale to go back")
     finally:
