@@ -1,8 +1,8 @@
 """Messages that once said what was not so, checked without a cluster."""
-from byzer_magic.gateway import Endpoint
-from byzer_magic.magics import ready_line
-from byzer_magic.spec import parse_spec
-from byzer_magic.status import DeploymentStatus, State
+from byzer_magic.openai.gateway import Endpoint
+from byzer_magic.frontends.magics import ready_line
+from byzer_magic.spec.deploy_spec import parse_spec
+from byzer_magic.serving.status import DeploymentStatus, State
 
 
 def test_an_embedding_models_ready_line_names_byzer_embed_not_byzer_chat():

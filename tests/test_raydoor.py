@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import ray
 
-from byzer_magic import raydoor
+from byzer_magic.serving import raydoor
 
 
 def test_a_moved_private_api_is_one_sentence_naming_the_ray_version_and_the_api():

@@ -32,10 +32,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from .backends.base import Delta, Embeddings, GenParams, Messages, joined_tool_pieces, whole_tool_calls
-from .errors import BackendError, ByzerError, FieldError, NotDeployedError, WrongTaskError
-from .openai_tools import ToolChecks
-from .options import Sampling
+from ..backends.base import Delta, Embeddings, GenParams, Messages, joined_tool_pieces, whole_tool_calls
+from ..errors import BackendError, ByzerError, FieldError, NotDeployedError, WrongTaskError
+from .tools import ToolChecks
+from ..spec.options import Sampling
 
 
 class Deployments(Protocol):
@@ -720,7 +720,7 @@ async def embeddings(body: EmbeddingRequest, state: Served = Depends(served)) ->
 def build_app(deployments: Deployments, *, key_digest: str | None = None, allowed_hosts: list[str] | None = None,
               max_body_bytes: int = 16 << 20) -> Any:
     """The ASGI app: FastAPI routes behind Starlette's Host header check, the bearer check and a body limit."""
-    from .openai_responses import router as responses_router
+    from .responses import router as responses_router
 
     app = FastAPI(title="byzer_magic OpenAI-compatible API", version="1", docs_url=None, redoc_url=None)
     app.state.served = Served(deployments, _Metrics())

@@ -15,9 +15,9 @@ from .raydoor import (
     app_status, deployed, deployment_options, pinned, serve_details, set_workers, setup_hook_env, start_app,
 )
 from .cluster import connect, worker_runtime_env
-from .errors import DeployError, NotDeployedError, SpecError, redact
-from .options import MAX_WORKERS
-from .spec import DeploySpec
+from ..errors import DeployError, NotDeployedError, SpecError, redact
+from ..spec.options import MAX_WORKERS
+from ..spec.deploy_spec import DeploySpec
 from .serve_status import ours, table_of, to_status
 from .status import DeploymentStatus, State, StatusTable
 from .worker import PRELOAD_ENV, WORKER_NAME, Worker
@@ -79,7 +79,7 @@ def _runtime_env(spec: DeploySpec) -> dict[str, Any]:
     """
     env = worker_runtime_env()
     modules = spec.backend_class.preload
-    hook = setup_hook_env("byzer_magic.worker.preload") if env and modules else {}
+    hook = setup_hook_env("byzer_magic.serving.worker.preload") if env and modules else {}
     if not hook:
         return env
     return {**env, "env_vars": {**env.get("env_vars", {}), **hook, PRELOAD_ENV: ",".join(modules)}}
@@ -246,7 +246,7 @@ def scale(
     _record_workers(name, workers)
     try:
         return _wait(name, first, time.monotonic() + timeout, on_progress,
-                     f"byzer_magic.deploy.scale(..., timeout=SECONDS) waits longer than {timeout:g} s",
+                     f"byzer_magic.serving.deploy.scale(..., timeout=SECONDS) waits longer than {timeout:g} s",
                      bounds=None if isinstance(workers, int) else workers)
     except (DeployError, KeyboardInterrupt) as exc:
         # A scale that cannot finish goes back to where it was, instead of leaving Serve adding workers.

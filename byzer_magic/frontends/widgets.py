@@ -13,7 +13,7 @@ from typing import Callable
 
 import ipywidgets as widgets
 
-from .status import SERVING, DeploymentStatus, State
+from ..serving.status import SERVING, DeploymentStatus, State
 
 Fetch = Callable[[str], DeploymentStatus]
 Scale = Callable[[str, "int | tuple[int, int]"], DeploymentStatus]

@@ -25,13 +25,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterator
 
-from .backends.base import Delta, Embeddings, GenParams, Messages
-from .cluster import connect, worker_runtime_env
-from .errors import DeployError, NotDeployedError
+from ..backends.base import Delta, Embeddings, GenParams, Messages
+from ..serving.cluster import connect, worker_runtime_env
+from ..errors import DeployError, NotDeployedError
 from .key_store import endpoint_key, key_file
-from .openai_api import LOOPBACK_NAMES, build_app, key_digest, trusted_hosts
-from .options import RESERVED_NAME, SERVE_DEFAULTS
-from .status import State
+from .routes import LOOPBACK_NAMES, build_app, key_digest, trusted_hosts
+from ..spec.options import RESERVED_NAME, SERVE_DEFAULTS
+from ..serving.status import State
 
 GATEWAY_APP = RESERVED_NAME
 GATEWAY_NAME = "ByzerGateway"
@@ -41,9 +41,9 @@ class _ServeDeployments:
     """The API's view of the cluster: Serve's details for listing, handles for answers."""
 
     async def models(self) -> list[dict[str, Any]]:
-        from .deploy import table_of
-        from .metrics import read_context
-        from .raydoor import serve_details_async
+        from ..serving.deploy import table_of
+        from ..serving.metrics import read_context
+        from ..serving.raydoor import serve_details_async
 
         details = await serve_details_async()
         rows = table_of(details).rows
@@ -51,17 +51,17 @@ class _ServeDeployments:
         return [{**row.details, "name": row.name, "max_model_len": n} for row, n in zip(rows, lengths)]
 
     def stream(self, name: str, request: Messages | str, gen: GenParams) -> AsyncIterator[Delta]:
-        from .chat import astream
+        from ..serving.chat import astream
 
         return astream(name, request, gen)
 
     async def complete(self, name: str, request: Messages | str, gen: GenParams) -> list[Delta]:
-        from .chat import acomplete
+        from ..serving.chat import acomplete
 
         return await acomplete(name, request, gen)
 
     async def embed(self, name: str, texts: list[str]) -> Embeddings:
-        from .chat import aembed
+        from ..serving.chat import aembed
 
         return await aembed(name, texts)
 
@@ -211,7 +211,7 @@ class Endpoint:
 
 def endpoint(*, ray_address: str | None = None) -> Endpoint | None:
     """The running endpoint, read from the cluster, or None."""
-    from .raydoor import reason_in, serve_details
+    from ..serving.raydoor import reason_in, serve_details
 
     connect(ray_address, embedded_ok=False)
     app = serve_details().get("applications", {}).get(GATEWAY_APP)
@@ -261,7 +261,7 @@ def start(
     import ray
     from ray import serve
 
-    from .raydoor import HEAD_NODE_RESOURCE, deployment_options, over_ray_client, start_app
+    from ..serving.raydoor import HEAD_NODE_RESOURCE, deployment_options, over_ray_client, start_app
 
     connect(ray_address)
     generated = api_key is None
@@ -312,7 +312,7 @@ def _delete(metrics_dir: str | None = None) -> None:
     """Remove the endpoint's app, then its metrics files (on this machine, where its replicas ran)."""
     from ray import serve
 
-    from .raydoor import serve_details
+    from ..serving.raydoor import serve_details
 
     app = serve_details().get("applications", {}).get(GATEWAY_APP) or {}
     config = app.get("deployments", {}).get(GATEWAY_NAME, {}).get("deployment_config", {}).get("user_config") or {}

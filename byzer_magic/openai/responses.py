@@ -35,9 +35,9 @@ from openai.types.responses.response_usage import InputTokensDetails, OutputToke
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from .backends.base import Delta, GenParams, Messages
-from .openai_api import _MODEL_ERRORS, ApiError, Served, _api_error, _dump, _usage, event_stream, served
-from .openai_tools import ToolChecks
+from ..backends.base import Delta, GenParams, Messages
+from .routes import _MODEL_ERRORS, ApiError, Served, _api_error, _dump, _usage, event_stream, served
+from .tools import ToolChecks
 
 _HARMLESS = {"store": (False, None), "truncation": ("disabled", None), "parallel_tool_calls": (None, False, True),
              "user": None, "safety_identifier": None, "prompt_cache_key": None, "service_tier": ("auto", "default", None)}
