@@ -20,10 +20,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from byzer_magic import chat, deploy  # noqa: E402
+from byzer_magic.serving import chat
+
+from byzer_magic import deploy  # noqa: E402
 from byzer_magic.backends.base import GenParams  # noqa: E402
-from byzer_magic.cluster import connect  # noqa: E402
-from byzer_magic.spec import parse_spec  # noqa: E402
+from byzer_magic.serving.cluster import connect  # noqa: E402
+from byzer_magic.spec.deploy_spec import parse_spec  # noqa: E402
 from byzer_magic.tinymodel import build  # noqa: E402
 
 CELLS = {

@@ -27,10 +27,12 @@ from typing import Awaitable, Callable, Iterator
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from byzer_magic import chat, deploy  # noqa: E402
+from byzer_magic.serving import chat
+
+from byzer_magic import deploy  # noqa: E402
 from byzer_magic.backends.base import GenParams  # noqa: E402
-from byzer_magic.cluster import connect  # noqa: E402
-from byzer_magic.spec import parse_spec  # noqa: E402
+from byzer_magic.serving.cluster import connect  # noqa: E402
+from byzer_magic.spec.deploy_spec import parse_spec  # noqa: E402
 from byzer_magic.tinymodel import build  # noqa: E402
 from tests.conftest import start_openai_server  # noqa: E402
 
@@ -99,7 +101,7 @@ def _replica_events(name: str, workers: int) -> list[tuple[float, str]]:
     import psutil
     from ray import serve
 
-    from byzer_magic.raydoor import serve_details
+    from byzer_magic.serving.raydoor import serve_details
 
     events = []
     app = serve_details()["applications"][name]
@@ -169,8 +171,8 @@ def bare_serve_app_seconds(workers: int = 2) -> float:
     """A Serve app of `workers` replicas of an empty class, with the same runtime env, deployed to running."""
     from ray import serve
 
-    from byzer_magic.cluster import worker_runtime_env
-    from byzer_magic.raydoor import serve_details, start_app
+    from byzer_magic.serving.cluster import worker_runtime_env
+    from byzer_magic.serving.raydoor import serve_details, start_app
 
     @serve.deployment(num_replicas=workers, ray_actor_options={"num_cpus": 0.001, "runtime_env": worker_runtime_env()})
     class Bare:

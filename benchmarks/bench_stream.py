@@ -24,11 +24,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from byzer_magic import chat, deploy  # noqa: E402
+from byzer_magic.serving import chat
+
+from byzer_magic import deploy  # noqa: E402
 from byzer_magic.backends.base import GenParams  # noqa: E402
-from byzer_magic.cluster import connect  # noqa: E402
-from byzer_magic.spec import parse_spec  # noqa: E402
-from byzer_magic.worker import WORKER_NAME, Worker  # noqa: E402
+from byzer_magic.serving.cluster import connect  # noqa: E402
+from byzer_magic.spec.deploy_spec import parse_spec  # noqa: E402
+from byzer_magic.serving.worker import WORKER_NAME, Worker  # noqa: E402
 from paced_engine import PacedBackend  # noqa: E402
 
 NAME = "bench_stream"

@@ -168,7 +168,7 @@ def ray_head():
     try:
         wait_until(up, 60, "ray head")
         os.environ["RAY_ADDRESS"] = address
-        from byzer_magic.cluster import connect
+        from byzer_magic.serving.cluster import connect
 
         connect(address)
         yield RayHead(address, proc, temp_dir)

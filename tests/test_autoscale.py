@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from byzer_magic import chat as chat_api
-from byzer_magic import deploy as deploy_api
-from byzer_magic.spec import parse_args
+from byzer_magic.serving import chat as chat_api
+from byzer_magic.serving import deploy as deploy_api
+from byzer_magic.spec.deploy_spec import parse_args
 
 from .conftest import wait_until
 

@@ -73,7 +73,7 @@ def cluster_state() -> tuple:
     """What the cluster holds: alive actors and Serve applications."""
     from ray.util.state import list_actors
 
-    from byzer_magic import deploy
+    from byzer_magic.serving import deploy
 
     actors = sorted(a.actor_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10000))
     apps = tuple((r.name, r.state, r.workers_ready) for r in deploy.list_deployments().rows)
@@ -96,8 +96,8 @@ def files(tmp_path_factory, tiny_model):
 @pytest.fixture(scope="module")
 def kept(ray_head, openai_server):
     """One deployment that stays up through the cases, so 'already in use' and scale bounds are real."""
-    from byzer_magic import deploy
-    from byzer_magic.spec import parse_spec
+    from byzer_magic.serving import deploy
+    from byzer_magic.spec.deploy_spec import parse_spec
 
     deploy.deploy(parse_spec(f"--model kept {SAAS.format(url=openai_server.base_url)}"))
     yield "kept"

@@ -18,10 +18,12 @@ import sys
 
 import pytest
 
-from byzer_magic import bench, deploy, gateway
-from byzer_magic.key_store import endpoint_key
-from byzer_magic.option_args import validated
-from byzer_magic.options import BenchOptions
+from byzer_magic.serving import bench, deploy
+
+from byzer_magic.openai import gateway
+from byzer_magic.openai.key_store import endpoint_key
+from byzer_magic.spec.option_args import validated
+from byzer_magic.spec.options import BenchOptions
 
 from .conftest import ROOT, alive_replicas, free_port
 from .test_deploy_saas import saas_spec
@@ -93,7 +95,7 @@ def test_the_magic_benches_through_the_handle_and_keeps_the_frame(paced, shell, 
                    "e2e_p99_ms", "first_error"):
         assert column in result, column
     assert (result["ttft_p50_ms"] <= result["e2e_p50_ms"]).all()
-    from byzer_magic.bench_figure import figure
+    from byzer_magic.frontends.bench_figure import figure
 
     throughput, latency = figure(result).axes
     assert len(throughput.lines) == 1 and len(latency.lines) == 6
@@ -113,7 +115,7 @@ def test_failed_requests_are_counted_with_the_first_errors_words(paced, openai_s
 
 @pytest.mark.parametrize("fmt", ["json", "csv", "table"])
 def test_the_command_line_prints_the_frame_in_the_format_asked(paced, capsys, fmt):
-    from byzer_magic.cli import main
+    from byzer_magic.frontends.cli import main
 
     assert main(["bench", NAME, "--concurrency", "2", "--requests", "2", "--max_tokens", "2", "--format", fmt]) == 0
     out = capsys.readouterr().out

@@ -4,11 +4,11 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from byzer_magic.bench import Sample, prompt_of, summarize
-from byzer_magic.bench_figure import figure
-from byzer_magic.cli import main
-from byzer_magic.option_args import validated
-from byzer_magic.options import BenchOptions
+from byzer_magic.serving.bench import Sample, prompt_of, summarize
+from byzer_magic.frontends.bench_figure import figure
+from byzer_magic.frontends.cli import main
+from byzer_magic.spec.option_args import validated
+from byzer_magic.spec.options import BenchOptions
 
 BAD = [
     ("--concurrency 0", "--concurrency '0' is not a list of concurrency levels: give whole numbers from 1 to 4096 "
@@ -37,7 +37,7 @@ def test_the_command_line_refuses_the_same_with_exit_2(capsys, option, message):
 
 
 def test_help_lists_every_option():
-    from byzer_magic.magics import ByzerMagics
+    from byzer_magic.frontends.magics import ByzerMagics
 
     doc = ByzerMagics.byzer_bench.__doc__
     for flag in ("--concurrency", "--requests", "--max_tokens", "--prompt", "--prompt_tokens", "--via", "-o"):
@@ -85,7 +85,7 @@ def test_a_session_name_is_checked_before_anything_is_sent(shell, capfd):
 
 
 def test_a_file_store_keeps_turns_private_and_an_empty_session_says_so(tmp_path):
-    from byzer_magic import sessions
+    from byzer_magic.serving import sessions
 
     store = sessions.FileStore(tmp_path / "sessions")
     assert store.get("s").transcript() == "session 's' is empty"

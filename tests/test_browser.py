@@ -19,7 +19,7 @@ from typing import Iterator
 
 import pytest
 
-from byzer_magic import deploy
+from byzer_magic.serving import deploy
 
 from .conftest import ROOT, alive_replicas, free_port, wait_until
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from byzer_magic.chat_line import split_chat_line
-from byzer_magic.cli import main
+from byzer_magic.frontends.chat_line import split_chat_line
+from byzer_magic.frontends.cli import main
 from byzer_magic.errors import SpecError
-from byzer_magic.options import ChatOptions, Sampling
+from byzer_magic.spec.options import ChatOptions, Sampling
 
 BAD = [
     ("--max_tokens -5", "--max_tokens must be 1 or more, got -5"),
@@ -78,7 +78,7 @@ def test_the_command_lines_help_has_the_shell_options_only(capsys):
 def test_the_endpoint_bounds_the_same_fields():
     from pydantic import ValidationError
 
-    from byzer_magic.openai_api import ChatRequest, CompletionRequest
+    from byzer_magic.openai.routes import ChatRequest, CompletionRequest
 
     messages = [{"role": "user", "content": "hi"}]
     for model in (ChatRequest, CompletionRequest):

@@ -115,7 +115,7 @@ def test_a_kernel_without_a_cluster_gets_an_embedded_ray_that_ends_with_it(clean
         family = psutil.Process(proc.pid).children(recursive=True)
         assert any("raylet" in " ".join(p.cmdline()) for p in family), "the kernel runs its own Ray"
         if ray_head_running():
-            from byzer_magic import deploy
+            from byzer_magic.serving import deploy
 
             assert deploy.status("embedded_chat").state == "stopped", "it joined the test cluster instead"
         proc.stdin.close()
@@ -142,8 +142,8 @@ def test_a_killed_kernel_takes_its_embedded_ray_along(clean_server):
 
     with lone_kernel(f"""
         import sys
-        from byzer_magic import deploy
-        from byzer_magic.spec import parse_spec
+        from byzer_magic.serving import deploy
+        from byzer_magic.spec.deploy_spec import parse_spec
         deploy.deploy(parse_spec("--pretrained_model_type saas/openai --model doomed --infer_params "
                                  "saas.api_key=k saas.model=tiny saas.base_url={clean_server.base_url}"))
         print("DEPLOYED", flush=True)

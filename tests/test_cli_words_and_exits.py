@@ -8,8 +8,8 @@ import textwrap
 
 import pytest
 
-from byzer_magic.cli import main
-from byzer_magic.options import DeployFlags, ServeFlags
+from byzer_magic.frontends.cli import main
+from byzer_magic.spec.options import DeployFlags, ServeFlags
 
 from .conftest import ROOT
 
@@ -72,7 +72,7 @@ def test_help_and_refusals_import_no_ray():
     """What a command does not need it does not import (Ray alone costs seconds)."""
     code = textwrap.dedent("""
         import sys
-        from byzer_magic.cli import main
+        from byzer_magic.frontends.cli import main
 
         def run(argv):
             try:

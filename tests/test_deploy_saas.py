@@ -6,10 +6,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from byzer_magic import chat, deploy, raydoor
+from byzer_magic.serving import chat, deploy, raydoor
 from byzer_magic.backends.base import GenParams
 from byzer_magic.errors import BackendError, DeployError, NotDeployedError
-from byzer_magic.spec import parse_spec
+from byzer_magic.spec.deploy_spec import parse_spec
 
 from .conftest import alive_replicas, wait_until
 
@@ -175,8 +175,10 @@ def test_a_scale_the_memory_cannot_hold_is_refused_and_one_that_times_out_goes_b
         with pytest.raises(DeployError, match=r"more workers of about \d+ MiB each need .* GiB of memory free"):
             deploy.scale("too_many", 256)
         assert deploy.status("too_many").workers_wanted == 1
-        with pytest.raises(DeployError, match="scaled back to 1 workers"):
+        with pytest.raises(DeployError, match="scaled back to 1 workers") as slow:
             deploy.scale("too_many", 2, timeout=0.01)
+        assert "byzer_magic.serving.deploy.scale(..., timeout=SECONDS) waits longer than 0.01 s" in str(slow.value)
+        assert "scale timeout" not in str(slow.value)
         wait_until(lambda: len(alive_replicas("too_many")) == 1 and deploy.status("too_many").workers_wanted == 1,
                    60, "the scale to go back")
     finally:
@@ -244,7 +246,7 @@ def test_chat_with_an_unknown_name_is_a_clear_error(ray_head):
 
 def test_a_worker_can_take_its_key_from_its_own_nodes_environment(ray_head, clean_server):
     """node-env:NAME travels as that text; the worker reads NAME on its node, so the key is nowhere in Serve."""
-    from byzer_magic import raydoor
+    from byzer_magic.serving import raydoor
 
     spec = parse_spec(f"--pretrained_model_type saas/openai --infer_params saas.api_key=node-env:BYZER_TEST_NODE_KEY "
                       f"saas.model=tiny saas.base_url={clean_server.base_url} --model node_key")

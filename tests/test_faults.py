@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from byzer_magic import chat, deploy
+from byzer_magic.serving import chat, deploy
 from byzer_magic.backends.base import GenParams
 from byzer_magic.errors import BackendError
 

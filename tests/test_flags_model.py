@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from byzer_magic.errors import SpecError
-from byzer_magic.flags import build_parser, build_serve_parser, read_serve_flags
-from byzer_magic.option_args import bounds, default_of, help_lines, help_text, validated
-from byzer_magic.options import SERVE_DEFAULTS, ChatOptions, DeployFlags, ServeFlags
-from byzer_magic.spec import DeploySpec, parse_args, parse_spec
-from byzer_magic.status import DeploymentStatus
-from byzer_magic.wording import SHELL_COMMANDS, for_shell
+from byzer_magic.spec.flags import build_parser, build_serve_parser, read_serve_flags
+from byzer_magic.spec.option_args import bounds, default_of, help_lines, help_text, validated
+from byzer_magic.spec.options import SERVE_DEFAULTS, ChatOptions, DeployFlags, ServeFlags
+from byzer_magic.spec.deploy_spec import DeploySpec, parse_args, parse_spec
+from byzer_magic.serving.status import DeploymentStatus
+from byzer_magic.frontends.wording import SHELL_COMMANDS, for_shell
 
 LLAMA = "--model x --infer_backend llama_cpp --model_path /m.gguf"
 PACKAGE = Path(__file__).resolve().parent.parent / "byzer_magic"
@@ -50,7 +50,7 @@ def test_defaults_are_the_models_and_nowhere_else():
     assert (SERVE_DEFAULTS.host, SERVE_DEFAULTS.port) == ("127.0.0.1", 8000)
     flags = read_serve_flags([], {})
     assert (flags.host, flags.port, flags.api_key, flags.stop) == ("127.0.0.1", 8000, None, False)
-    from byzer_magic import gateway
+    from byzer_magic.openai import gateway
 
     signature = inspect.signature(gateway.start)
     assert signature.parameters["host"].default == SERVE_DEFAULTS.host
@@ -59,7 +59,7 @@ def test_defaults_are_the_models_and_nowhere_else():
 
 def test_no_module_writes_a_flag_default_again():
     """The literals of the old tables: each default now lives in options.py alone."""
-    for path in PACKAGE.glob("*.py"):
+    for path in PACKAGE.rglob("*.py"):
         if path.name == "options.py":
             continue
         text = path.read_text()

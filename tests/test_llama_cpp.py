@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from byzer_magic import chat, deploy
+from byzer_magic.serving import chat, deploy
 from byzer_magic.backends.base import GenParams
 from byzer_magic.errors import DeployError
-from byzer_magic.spec import parse_spec
+from byzer_magic.spec.deploy_spec import parse_spec
 
 from .conftest import alive_replicas
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import psutil
 from IPython.core.interactiveshell import InteractiveShell
 
-from byzer_magic import chat, deploy, raydoor
+from byzer_magic.serving import chat, deploy, raydoor
 from byzer_magic.backends.base import GenParams
-from byzer_magic.spec import parse_args
-from byzer_magic.widgets import StatusCard
+from byzer_magic.spec.deploy_spec import parse_args
+from byzer_magic.frontends.widgets import StatusCard
 
 from .conftest import alive_replicas
 from .test_deploy_saas import saas_spec
@@ -121,12 +121,12 @@ def test_a_key_on_the_command_line_leaves_ps_and_the_job_table(ray_head):
 
     from ray.util.state import list_jobs
 
-    from byzer_magic import gateway
+    from byzer_magic.openai import gateway
 
     from .conftest import ROOT, free_port
 
     key = "sk-cmdline-7d2f9b4e1a6c3e8f"
-    proc = subprocess.Popen([sys.executable, "-m", "byzer_magic.cli", "serve", "--port", str(free_port()),
+    proc = subprocess.Popen([sys.executable, "-m", "byzer_magic.frontends.cli", "serve", "--port", str(free_port()),
                              "--api_key", key], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = []
     while proc.poll() is None:
@@ -142,7 +142,7 @@ def test_a_key_on_the_command_line_leaves_ps_and_the_job_table(ray_head):
         assert hidden, f"the command line was never rewritten: {seen[-1:]}"
         assert all(key not in line for line in seen[hidden[0]:])
         jobs = repr(list_jobs(detail=True, limit=10000))
-        assert "byzer_magic.cli" in jobs or "byzer-magic" in jobs, "the CLI's driver is in the job table"
+        assert "byzer_magic.frontends.cli" in jobs or "byzer-magic" in jobs, "the CLI's driver is in the job table"
         assert key not in jobs and key not in out + err
     finally:
         gateway.stop()

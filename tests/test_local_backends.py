@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from byzer_magic import chat, deploy
+from byzer_magic.serving import chat, deploy
 from byzer_magic.backends.base import GenParams
 from byzer_magic.errors import DeployError, FieldError, WrongTaskError
-from byzer_magic.spec import parse_spec
+from byzer_magic.spec.deploy_spec import parse_spec
 
 from .conftest import alive_replicas, wait_until
 
@@ -322,7 +322,7 @@ def test_embeddings_equal_transformers_pooled_by_hand(embedder, tiny_encoder):
 
 def test_a_chat_sent_to_an_embedder_and_texts_sent_to_a_chat_model_say_so(embedder, hf_chat):
     with pytest.raises(WrongTaskError, match=f"'{embedder}' is deployed as an embedding model: it embeds text and "
-                                             f"does not chat; use %byzer_embed, byzer_magic.chat.embed"):
+                                             f"does not chat; use %byzer_embed, byzer_magic.serving.chat.embed"):
         chat.chat(embedder, "hi")
     with pytest.raises(WrongTaskError, match=rf"'{hf_chat}' is a chat model \(transformers\); it does not embed"):
         chat.embed(hf_chat, ["hi"])
@@ -340,7 +340,7 @@ def test_byzer_embed_magic_returns_arrays(embedder, tiny_encoder, ipython):
 def test_openai_client_embeds_through_the_endpoint(embedder, hf_chat, tiny_encoder, tiny_model):
     import openai
 
-    from byzer_magic import gateway
+    from byzer_magic.openai import gateway
 
     from .conftest import free_port
 
@@ -407,9 +407,9 @@ def test_an_embedding_type_needs_a_model_directory(ray_head, tiny_model):
 
 
 def test_a_bench_against_an_embedder_embeds_and_reports_texts_per_s(embedder):
-    from byzer_magic import bench
-    from byzer_magic.option_args import validated
-    from byzer_magic.options import BenchOptions
+    from byzer_magic.serving import bench
+    from byzer_magic.spec.option_args import validated
+    from byzer_magic.spec.options import BenchOptions
 
     options = validated(BenchOptions, {"concurrency": "1,2", "requests": 4, "prompt_tokens": 8})
     result = bench.run(embedder, options, progress=False)
@@ -447,7 +447,7 @@ def test_sessions_count_a_conversation_as_the_engine_will_see_it(ray_head, backe
 
 def test_openai_and_langchain_clients_chat_with_transformers(hf_chat):
     """The openai client (sync, async, streamed, responses) and LangChain get one greedy answer from transformers."""
-    from byzer_magic import gateway
+    from byzer_magic.openai import gateway
 
     from .conftest import free_port
     from .support import clients

@@ -118,7 +118,7 @@ def test_ctrl_c_in_a_magic_is_one_line(shell, capsys):
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    with mock.patch("byzer_magic.deploy.list_deployments", interrupted):
+    with mock.patch("byzer_magic.serving.deploy.list_deployments", interrupted):
         shell.run_cell("%byzer_list", store_history=False)
     out = capsys.readouterr()
     shown = out.err + out.out

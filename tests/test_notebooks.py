@@ -14,7 +14,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from byzer_magic import deploy
+from byzer_magic.serving import deploy
 
 from .conftest import ROOT, alive_replicas
 

@@ -17,11 +17,13 @@ import jsonschema
 import openai
 import pytest
 
-from byzer_magic import chat, deploy, gateway, raydoor
+from byzer_magic.serving import chat, deploy, raydoor
+
+from byzer_magic.openai import gateway
 from byzer_magic.backends.base import GenParams
-from byzer_magic.key_store import endpoint_key
+from byzer_magic.openai.key_store import endpoint_key
 from byzer_magic.errors import DeployError
-from byzer_magic.spec import parse_spec
+from byzer_magic.spec.deploy_spec import parse_spec
 
 from .conftest import ROOT, alive_replicas, free_port
 from .support import clients
@@ -342,7 +344,7 @@ def test_cli_serve_and_stop(served, ray_head):
     port = free_port()
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "byzer_magic.cli", *args], cwd=ROOT, capture_output=True,
+        return subprocess.run([sys.executable, "-m", "byzer_magic.frontends.cli", *args], cwd=ROOT, capture_output=True,
                               text=True, timeout=120)
 
     try:

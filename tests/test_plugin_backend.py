@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from byzer_magic import backends, chat, deploy
+from byzer_magic import backends
+
+from byzer_magic.serving import chat, deploy
 from byzer_magic.backends.base import GenParams
 from byzer_magic.errors import SpecError
-from byzer_magic.spec import parse_spec
+from byzer_magic.spec.deploy_spec import parse_spec
 
 from .conftest import ROOT, alive_replicas
 

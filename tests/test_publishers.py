@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
-from byzer_magic import chat
+from byzer_magic.serving import chat
 
 
 def test_publisher_ends_when_idle_and_a_new_one_starts(monkeypatch):

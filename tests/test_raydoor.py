@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import ray
 
-from byzer_magic import raydoor
+from byzer_magic.serving import raydoor
 
 from .conftest import RAY_NOISE, ROOT
 

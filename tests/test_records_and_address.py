@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from byzer_magic import records
-from byzer_magic.spec import parse_args
+from byzer_magic.serving import records
+from byzer_magic.spec.deploy_spec import parse_args
 
 from .conftest import ROOT, free_port
 

@@ -117,7 +117,7 @@ def test_a_ray_client_driver_does_everything_a_notebook_does(head, home, clean_s
         print("WHOLE_TEXT=" + repr(ip.user_ns["whole"].text), flush=True)
         cell("LIST", "%byzer_list")
         import time
-        from byzer_magic import deploy
+        from byzer_magic.serving import deploy
         deadline = time.monotonic() + 15
         while not deploy.status("keyed", with_metrics=True).metrics.get("served") and time.monotonic() < deadline:
             time.sleep(0.5)  # workers hand in their figures on each health check
@@ -129,7 +129,7 @@ def test_a_ray_client_driver_does_everything_a_notebook_does(head, home, clean_s
         cell("SCALED_DOWN", "%byzer_scale keyed 1")
         cell("SERVE", "%byzer_serve --port {serve_port}")
         import openai
-        from byzer_magic.key_store import endpoint_key
+        from byzer_magic.openai.key_store import endpoint_key
         client = openai.OpenAI(base_url="http://127.0.0.1:{serve_port}/v1", api_key=endpoint_key())
         try:
             pieces = client.chat.completions.create(model="keyed", messages=[{{"role": "user", "content": "hi"}}],
@@ -191,17 +191,17 @@ def test_after_the_whole_cluster_restarts_restore_gives_both_back(head, home, cl
 
     driver = f"""
         import os, sys, threading, time
-        from byzer_magic import chat, deploy, restore
+        from byzer_magic.serving import chat, deploy, restore
         from byzer_magic.backends.base import GenParams
-        from byzer_magic.cluster import connect
+        from byzer_magic.serving.cluster import connect
         from byzer_magic.errors import BackendError
         connect("{head.address}")
         print("SECOND=" + repr(restore.restore()).replace("\\n", " | "), flush=True)
         print("THIRD=" + repr(restore.restore(["literal"], infer_params=["saas.api_key=${{LIT}}"])), flush=True)
         for name in ("keyed", "literal"):
             print(name.upper() + "_SAYS=" + repr(chat.chat(name, "hi", GenParams(max_tokens=4)).text), flush=True)
-        from byzer_magic.raydoor import serve_details
-        from byzer_magic.worker import WORKER_NAME
+        from byzer_magic.serving.raydoor import serve_details
+        from byzer_magic.serving.worker import WORKER_NAME
         pid = serve_details()["applications"]["literal"]["deployments"][WORKER_NAME]["replicas"][0]["pid"]
         pieces = []
         try:

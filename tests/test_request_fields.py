@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from byzer_magic import backends, request_fields
+from byzer_magic import backends
+
+from byzer_magic.serving import request_fields
 from byzer_magic.backends.base import Capabilities, GenParams
-from byzer_magic.openai_api import ChatRequest, CompletionRequest
-from byzer_magic.request_fields import bad_token, forwarded, refusal
+from byzer_magic.openai.routes import ChatRequest, CompletionRequest
+from byzer_magic.serving.request_fields import bad_token, forwarded, refusal
 
 NOTHING = Capabilities()
 EVERYTHING = Capabilities(**{f.name: True for f in dataclasses.fields(Capabilities)})
@@ -106,4 +108,4 @@ def test_every_backend_declares_its_capabilities_and_the_readme_table_is_theirs(
 
     written = request_fields.table([(name, find(name).capabilities) for name in _BUILT_IN])
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    assert written in readme, "README's field table is stale: paste `python -m byzer_magic.request_fields` into it"
+    assert written in readme, "README's field table is stale: paste `python -m byzer_magic.serving.request_fields` into it"

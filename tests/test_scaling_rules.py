@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 
-from byzer_magic import deploy, scaling, serve_status
+from byzer_magic.serving import deploy, scaling, serve_status
 from byzer_magic.errors import SpecError
-from byzer_magic.spec import parse_args
-from byzer_magic.status import DeploymentStatus
-from byzer_magic.widgets import StatusCard
+from byzer_magic.spec.deploy_spec import parse_args
+from byzer_magic.serving.status import DeploymentStatus
+from byzer_magic.frontends.widgets import StatusCard
 
 SAAS = ["--model", "m", "--pretrained_model_type", "saas/openai", "--infer_params", "saas.api_key=sk-x",
         "saas.model=tiny", "saas.base_url=http://127.0.0.1:9/v1", "saas.timeout=20"]
@@ -110,7 +110,7 @@ def test_the_cards_buttons_move_an_autoscaling_range():
 
 def test_gpus_per_worker_beyond_any_one_node_is_refused_naming_the_most_one_node_has(monkeypatch):
     """The pure rule behind the several-node test: two nodes of one GPU each cannot hold a worker of two."""
-    from byzer_magic import placement
+    from byzer_magic.serving import placement
     from byzer_magic.errors import DeployError
 
     nodes = [{"NodeID": f"n{i}", "Alive": True, "Resources": {"CPU": 2.0, "GPU": 1.0}} for i in range(2)]

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from byzer_magic import chat, deploy
+from byzer_magic.serving import chat, deploy
 from byzer_magic.backends.base import GenParams
-from byzer_magic.cli import main
+from byzer_magic.frontends.cli import main
 from byzer_magic.errors import BackendError
 
 from .conftest import alive_replicas

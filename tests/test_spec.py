@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 
 from byzer_magic.errors import SpecError
-from byzer_magic.flags import build_parser
-from byzer_magic.options import DeployFlags
-from byzer_magic.spec import parse_args, parse_spec
+from byzer_magic.spec.flags import build_parser
+from byzer_magic.spec.options import DeployFlags
+from byzer_magic.spec.deploy_spec import parse_args, parse_spec
 
 ENV = {"MODEL_QIANWEN_TOKEN": "sk-qianwen-secret-42", "KEY": "sk-key-secret-77", "N": "3"}
 

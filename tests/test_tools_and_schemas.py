@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from byzer_magic.backends.base import Context, Delta, GenParams, joined_tool_pieces, whole_tool_calls
-from byzer_magic.openai_api import build_app
+from byzer_magic.openai.routes import build_app
 
 from .support import clients
 

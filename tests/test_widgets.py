@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 import threading
 
-from byzer_magic import deploy
-from byzer_magic.status import DeploymentStatus
-from byzer_magic.widgets import StatusCard
+from byzer_magic.serving import deploy
+from byzer_magic.serving.status import DeploymentStatus
+from byzer_magic.frontends.widgets import StatusCard
 
 from .conftest import alive_replicas, wait_until
 from .test_deploy_saas import saas_spec
@@ -73,7 +73,7 @@ def test_plus_minus_and_stop_drive_a_real_deployment(ray_head, clean_server):
 
 
 def test_the_card_counts_requests_tokens_latency_and_the_last_error(ray_head, clean_server):
-    from byzer_magic import chat
+    from byzer_magic.serving import chat
     from byzer_magic.backends.base import GenParams
     from byzer_magic.errors import BackendError
 
@@ -106,7 +106,7 @@ def test_the_card_counts_requests_queued_in_callers(ray_head, clean_server):
     """One worker that takes one request at a time, six callers: five wait in Serve's queue, and the card says so."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from byzer_magic import chat
+    from byzer_magic.serving import chat
     from byzer_magic.backends.base import GenParams
 
     deploy.deploy(saas_spec(clean_server, "queueing", 1))
@@ -142,7 +142,7 @@ def test_re_running_list_leaves_one_polling_card_per_deployment(ray_head, clean_
     """A re-run cell draws new cards; the earlier card of the same deployment stops polling."""
     import time
 
-    from byzer_magic.magics import ByzerMagics
+    from byzer_magic.frontends.magics import ByzerMagics
 
     deploy.deploy(saas_spec(clean_server, "card_rerun", 1))
     try:

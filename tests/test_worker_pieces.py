@@ -14,8 +14,8 @@ import pytest
 
 from byzer_magic.backends import vllm as vllm_backend
 from byzer_magic.backends.base import Backend, BackendSettings, Context, Delta, GenParams
-from byzer_magic.metrics import RequestLog
-from byzer_magic.worker import STREAMS_PER_TOKEN, Worker
+from byzer_magic.serving.metrics import RequestLog
+from byzer_magic.serving.worker import STREAMS_PER_TOKEN, Worker
 
 PIECES = 40
 

@@ -171,7 +171,7 @@ def _gpu_memory_mib() -> int | None:
 def run_magics(args: argparse.Namespace, parts: Parts) -> None:
     from IPython.core.interactiveshell import InteractiveShell
 
-    from byzer_magic import chat
+    from byzer_magic.serving import chat
     from byzer_magic.backends.base import GenParams
 
     shell = InteractiveShell.instance()

@@ -153,7 +153,7 @@ class Backend(base.Backend):
         if self._task == "embed":
             raise WrongTaskError(
                 f"{self.context.deployment!r} is deployed as an embedding model: it embeds text and does not chat; "
-                f"use %byzer_embed, byzer_magic.chat.embed or /v1/embeddings"
+                f"use %byzer_embed, byzer_magic.serving.chat.embed or /v1/embeddings"
             )
 
     def chat(self, messages: Messages, gen: GenParams) -> AsyncIterator[Delta]:

@@ -18,7 +18,7 @@ from ..errors import BackendError, SpecError, redact
 from . import base
 from .base import BackendSettings, Capabilities, Context, Delta, GenParams, Messages
 from .providers import PROVIDER_BASE_URLS
-from ..request_fields import forwarded
+from ..serving.request_fields import forwarded
 
 
 class Settings(BackendSettings):

@@ -15,9 +15,9 @@ import sys
 
 def main() -> None:
     import byzer_magic
-    from byzer_magic import chat, deploy
-    from byzer_magic.cluster import connect
-    from byzer_magic.spec import parse_args
+    from byzer_magic.serving import chat, deploy
+    from byzer_magic.serving.cluster import connect
+    from byzer_magic.spec.deploy_spec import parse_args
 
     connect(sys.argv[1], embedded_ok=False)
     space = {"chat": chat, "deploy": deploy, "parse_args": parse_args, "byzer_magic": byzer_magic}

@@ -19,7 +19,7 @@ import time
 import uuid
 from typing import Any, AsyncIterator, Awaitable, Callable, ClassVar, Literal, Protocol, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from openai.types import Completion, CompletionChoice, CompletionUsage, CreateEmbeddingResponse, Embedding, Model
@@ -32,10 +32,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from .backends.base import Delta, Embeddings, GenParams, Messages, joined_tool_pieces, whole_tool_calls
-from .errors import BackendError, ByzerError, FieldError, NotDeployedError, WrongTaskError
-from .openai_tools import ToolChecks
-from .options import Sampling
+from ..backends.base import Delta, Embeddings, GenParams, Messages, joined_tool_pieces, whole_tool_calls
+from ..errors import BackendError, ByzerError, FieldError, NotDeployedError, WrongTaskError
+from .tools import ToolChecks
+from ..spec.options import Sampling
 
 
 class Deployments(Protocol):
@@ -469,207 +469,266 @@ async def _unless_gone(http: Request, work: Awaitable[T]) -> T:
     raise ClientGone
 
 
-def build_app(deployments: Deployments, *, key_digest: str | None = None, allowed_hosts: list[str] | None = None,
-              max_body_bytes: int = 16 << 20) -> Any:
-    """The ASGI app: FastAPI routes behind Starlette's Host header check, the bearer check and a body limit."""
-    app = FastAPI(title="byzer_magic OpenAI-compatible API", version="1", docs_url=None, redoc_url=None)
-    metrics = _Metrics()
+class Served:
+    """What every route reaches through `app.state.served`: the deployments and the endpoint's metrics."""
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        if first.get("type") == "json_invalid":
-            return ApiError(400, "the body is not valid JSON", "invalid_request_error").response()
-        param = ".".join(loc) or None
-        where = f"{param}: " if param else "the body: "
-        return ApiError(400, f"{where}{first.get('msg', 'invalid request')}", "invalid_request_error", param).response()
+    def __init__(self, deployments: Deployments, metrics: "_Metrics"):
+        self.deployments = deployments
+        self.metrics = metrics
 
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        message = f"{request.method} {request.url.path}: {exc.detail}"
-        return ApiError(exc.status_code, message, kind).response()
-
-    @app.exception_handler(ApiError)
-    async def _refused(request: Request, exc: ApiError) -> JSONResponse:
-        return exc.response()
-
-    @app.exception_handler(Exception)
-    async def _crash(request: Request, exc: Exception) -> JSONResponse:
-        return _api_error(exc).response()
-
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/metrics", responses=_AUTH_ERRORS)
-    async def prometheus() -> Response:
-        return Response(generate_latest(metrics.exposed), media_type=CONTENT_TYPE_LATEST)
-
-    def card(info: dict[str, Any]) -> Model:
-        """OpenAI's model object, with what clients ask of a deployment before they use it (vLLM's max_model_len)."""
-        can = info.get("capabilities") or {}
-        task = info.get("task", "chat")
-        capabilities = {"chat": task == "chat", "completions": task == "chat", "embeddings": task == "embed",
-                        "tools": bool(can.get("tools")), "structured_output": bool(can.get("structured_output"))}
-        return Model(
-            id=info["name"], object="model", created=int(info.get("deployed_at") or 0), owned_by="byzer_magic",
-            backend=info.get("backend"), served_model=info.get("model"), max_model_len=info.get("max_model_len"),
-            capabilities=capabilities,
-        )
-
-    @app.get("/v1/models", responses=_AUTH_ERRORS)
-    async def list_models() -> dict[str, Any]:
-        cards = [{**card(info).model_dump(exclude_none=True), "max_model_len": info.get("max_model_len")}
-                 for info in await deployments.models()]
-        return {"object": "list", "data": cards}
-
-    @app.get("/v1/models/{model}", responses=_MODEL_ERRORS)
-    async def get_model(model: str) -> Response:
-        return _json(card(await _find(model)))
-
-    async def _find(model: str) -> dict[str, Any]:
+    async def find(self, model: str) -> dict[str, Any]:
         """A deployment's description, or the 404 that lists the deployed names (one listing either way)."""
-        infos = await deployments.models()
+        infos = await self.deployments.models()
         for info in infos:
             if info["name"] == model:
                 return info
         raise _unknown(model, infos)
 
-    def _unknown(model: str, infos: list[dict[str, Any]]) -> ApiError:
-        names = [info["name"] for info in infos]
-        known = f"deployed now: {', '.join(names)}" if names else "nothing is deployed"
-        return ApiError(404, f"no deployment named {model!r} ({known})", "invalid_request_error", "model", "model_not_found")
-
-    async def _refused_request(model: str, route: str, started: float, exc: Exception) -> Response:
+    async def refused(self, model: str, route: str, started: float, exc: Exception) -> Response:
         """A request the deployment refused, as OpenAI's error (a 404 listing the deployed names), counted."""
-        error = _unknown(model, await deployments.models()) if isinstance(exc, NotDeployedError) else _api_error(exc)
-        metrics.observe(model, route, error.status, started, [], error)
+        if isinstance(exc, NotDeployedError):
+            error = _unknown(model, await self.deployments.models())
+        else:
+            error = _api_error(exc)
+        self.metrics.observe(model, route, error.status, started, [], error)
         return error.response()
 
-    async def answer(route: str, body: _Generation, request: Messages | str, make: Callable, chunk: Callable,
-                     http: Request) -> Response:
-        started = time.perf_counter()
-        gen = body.gen()
-        stream: AsyncIterator[Delta] | None = None
+    async def begin(self, http: Request, route: str, model: str, request: Messages | str, gen: GenParams,
+                    stream: bool, started: float, make: Callable[[list[Delta]], BaseModel],
+                    ) -> Response | tuple[AsyncIterator[Delta], Delta | None]:
+        """A whole answer (made by `make`, counted), a refusal, or an open stream and its first piece.
+
+        The text routes share this: a client that leaves before its answer
+        begins gets nothing sent to a backend (499), and a refusal is counted.
+        """
+        opened: AsyncIterator[Delta] | None = None
         try:
-            if not body.stream:
-                deltas = await _unless_gone(http, deployments.complete(body.model, request, gen))
-                metrics.observe(body.model, route, 200, started, deltas, None)
+            if not stream:
+                deltas = await _unless_gone(http, self.deployments.complete(model, request, gen))
+                self.metrics.observe(model, route, 200, started, deltas, None)
                 return _json(make(deltas))
-            stream = deployments.stream(body.model, request, gen)
-            first = await _unless_gone(http, anext(stream, None))
+            opened = self.deployments.stream(model, request, gen)
+            return opened, await _unless_gone(http, anext(opened, None))
         except ClientGone:
-            if stream is not None:
-                await stream.aclose()
+            if opened is not None:
+                await opened.aclose()
             return Response(status_code=499)
         except Exception as exc:
-            return await _refused_request(body.model, route, started, exc)
-        return StreamingResponse(
-            _events(route, body, stream, first, chunk, started), media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+            return await self.refused(model, route, started, exc)
 
-    async def _events(route: str, body: _Generation, stream: AsyncIterator[Delta], first: Delta | None,
-                          chunk: Callable, started: float) -> AsyncIterator[bytes]:
-        seen: list[Delta] = []
-        error: ApiError | None = None
-        try:
-            opening = chunk(None, seen)
-            if opening is not None:
-                yield _event(opening)
-            delta = first
-            while delta is not None:
-                seen.append(delta)
-                if delta.text or delta.finish_reason or delta.tool_calls:
-                    yield _event(chunk(delta, seen))
-                delta = await anext(stream, None)
-            if body.wants_usage():
-                yield _event(chunk(None, seen, usage=_usage(seen)))
-            yield _event("[DONE]")
-        except Exception as exc:
-            error = _api_error(exc)
-            yield _event(error.body())
-        finally:
-            metrics.observe(body.model, route, error.status if error else 200, started, seen, error)
 
-    @app.post("/v1/chat/completions", responses=_MODEL_ERRORS)
-    async def chat_completions(body: ChatRequest, http: Request) -> Response:
-        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+def served(http: Request) -> Served:
+    """The FastAPI dependency that hands a route the app's `Served`."""
+    return http.app.state.served
 
-        def make(deltas: list[Delta]) -> ChatCompletion:
-            calls = whole_tool_calls(deltas)
-            text = "".join(d.text for d in deltas)
-            message = ChatCompletionMessage(role="assistant", content=text or (None if calls else ""),
-                                            tool_calls=calls or None)
-            choice = Choice(index=0, message=message, finish_reason=_finish(deltas, _CHAT_FINISH))
-            return ChatCompletion(id=ident, object="chat.completion", created=created, model=body.model,
-                                  choices=[choice], usage=_usage(deltas))
 
-        def chunk(delta: Delta | None, seen: list[Delta], usage: CompletionUsage | None = None) -> ChatCompletionChunk:
-            if usage is not None:
-                choices = []
-            elif delta is None:
-                choices = [ChunkChoice(index=0, delta=ChoiceDelta(role="assistant", content=""))]
-            else:
-                finish = _finish([delta], _CHAT_FINISH) if delta.finish_reason else None
-                choices = [ChunkChoice(index=0, delta=_chat_delta(delta), finish_reason=finish)]
-            return ChatCompletionChunk(id=ident, object="chat.completion.chunk", created=created, model=body.model,
-                                       choices=choices, usage=usage)
+def event_stream(events: AsyncIterator[bytes]) -> StreamingResponse:
+    """Server-sent events, unbuffered by proxies."""
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-        return await answer("chat", body, [m.as_dict() for m in body.messages], make, chunk, http)
 
-    @app.post("/v1/completions", responses=_MODEL_ERRORS)
-    async def completions(body: CompletionRequest, http: Request) -> Response:
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if len(prompts) != 1:
-            return ApiError(400, "prompt: send one prompt per request", "invalid_request_error", "prompt").response()
-        ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+def _unknown(model: str, infos: list[dict[str, Any]]) -> ApiError:
+    names = [info["name"] for info in infos]
+    known = f"deployed now: {', '.join(names)}" if names else "nothing is deployed"
+    return ApiError(404, f"no deployment named {model!r} ({known})", "invalid_request_error", "model", "model_not_found")
 
-        def make(deltas: list[Delta]) -> Completion:
-            text = "".join(d.text for d in deltas)
-            choice = CompletionChoice(index=0, text=text, finish_reason=_finish(deltas, _TEXT_FINISH))
-            return Completion(id=ident, object="text_completion", created=created, model=body.model,
+
+def _card(info: dict[str, Any]) -> Model:
+    """OpenAI's model object, with what clients ask of a deployment before they use it (vLLM's max_model_len)."""
+    can = info.get("capabilities") or {}
+    task = info.get("task", "chat")
+    capabilities = {"chat": task == "chat", "completions": task == "chat", "embeddings": task == "embed",
+                    "tools": bool(can.get("tools")), "structured_output": bool(can.get("structured_output"))}
+    return Model(
+        id=info["name"], object="model", created=int(info.get("deployed_at") or 0), owned_by="byzer_magic",
+        backend=info.get("backend"), served_model=info.get("model"), max_model_len=info.get("max_model_len"),
+        capabilities=capabilities,
+    )
+
+
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        return ApiError(400, "the body is not valid JSON", "invalid_request_error").response()
+    param = ".".join(loc) or None
+    where = f"{param}: " if param else "the body: "
+    return ApiError(400, f"{where}{first.get('msg', 'invalid request')}", "invalid_request_error", param).response()
+
+
+async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return ApiError(exc.status_code, message, kind).response()
+
+
+async def _refused(request: Request, exc: ApiError) -> JSONResponse:
+    return exc.response()
+
+
+async def _crash(request: Request, exc: Exception) -> JSONResponse:
+    return _api_error(exc).response()
+
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/metrics", responses=_AUTH_ERRORS)
+async def prometheus(state: Served = Depends(served)) -> Response:
+    return Response(generate_latest(state.metrics.exposed), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/models", responses=_AUTH_ERRORS)
+async def list_models(state: Served = Depends(served)) -> dict[str, Any]:
+    cards = [{**_card(info).model_dump(exclude_none=True), "max_model_len": info.get("max_model_len")}
+             for info in await state.deployments.models()]
+    return {"object": "list", "data": cards}
+
+
+@router.get("/v1/models/{model}", responses=_MODEL_ERRORS)
+async def get_model(model: str, state: Served = Depends(served)) -> Response:
+    return _json(_card(await state.find(model)))
+
+
+async def _answer(state: Served, route: str, body: _Generation, request: Messages | str, make: Callable,
+                  chunk: Callable, http: Request) -> Response:
+    started = time.perf_counter()
+    begun = await state.begin(http, route, body.model, request, body.gen(), body.stream, started, make)
+    if isinstance(begun, Response):
+        return begun
+    return event_stream(_events(state, route, body, *begun, chunk, started))
+
+
+async def _events(state: Served, route: str, body: _Generation, stream: AsyncIterator[Delta], first: Delta | None,
+                  chunk: Callable, started: float) -> AsyncIterator[bytes]:
+    seen: list[Delta] = []
+    error: ApiError | None = None
+    try:
+        opening = chunk(None, seen)
+        if opening is not None:
+            yield _event(opening)
+        delta = first
+        while delta is not None:
+            seen.append(delta)
+            if delta.text or delta.finish_reason or delta.tool_calls:
+                yield _event(chunk(delta, seen))
+            delta = await anext(stream, None)
+        if body.wants_usage():
+            yield _event(chunk(None, seen, usage=_usage(seen)))
+        yield _event("[DONE]")
+    except Exception as exc:
+        error = _api_error(exc)
+        yield _event(error.body())
+    finally:
+        state.metrics.observe(body.model, route, error.status if error else 200, started, seen, error)
+
+
+class _ChatAnswer:
+    """One chat answer's id, whole (`make`) or in pieces (`chunk`), as openai's types."""
+
+    def __init__(self, model: str):
+        self.model, self.ident, self.created = model, f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def make(self, deltas: list[Delta]) -> ChatCompletion:
+        calls = whole_tool_calls(deltas)
+        text = "".join(d.text for d in deltas)
+        message = ChatCompletionMessage(role="assistant", content=text or (None if calls else ""),
+                                        tool_calls=calls or None)
+        choice = Choice(index=0, message=message, finish_reason=_finish(deltas, _CHAT_FINISH))
+        return ChatCompletion(id=self.ident, object="chat.completion", created=self.created, model=self.model,
                               choices=[choice], usage=_usage(deltas))
 
-        def chunk(delta: Delta | None, seen: list[Delta], usage: CompletionUsage | None = None) -> Completion | None:
-            if usage is not None:
-                return Completion(id=ident, object="text_completion", created=created, model=body.model,
-                                  choices=[], usage=usage)
-            if delta is None:
-                return None
-            finish = _finish([delta], _TEXT_FINISH) if delta.finish_reason else None
-            choice = CompletionChoice.model_construct(index=0, text=delta.text, finish_reason=finish, logprobs=None)
-            return Completion.model_construct(id=ident, object="text_completion", created=created,
-                                              model=body.model, choices=[choice])
+    def chunk(self, delta: Delta | None, seen: list[Delta], usage: CompletionUsage | None = None) -> ChatCompletionChunk:
+        if usage is not None:
+            choices = []
+        elif delta is None:
+            choices = [ChunkChoice(index=0, delta=ChoiceDelta(role="assistant", content=""))]
+        else:
+            finish = _finish([delta], _CHAT_FINISH) if delta.finish_reason else None
+            choices = [ChunkChoice(index=0, delta=_chat_delta(delta), finish_reason=finish)]
+        return ChatCompletionChunk(id=self.ident, object="chat.completion.chunk", created=self.created,
+                                   model=self.model, choices=choices, usage=usage)
 
-        return await answer("completions", body, prompts[0], make, chunk, http)
 
-    @app.post("/v1/embeddings", responses=_MODEL_ERRORS)
-    async def embeddings(body: EmbeddingRequest) -> Response:
-        started = time.perf_counter()
-        texts = body.texts()
-        if not 1 <= len(texts) <= 2048:
-            return ApiError(400, "input: send 1 to 2048 texts", "invalid_request_error", "input").response()
-        if (refused := body.refusal()) is not None:
-            return refused.response()
-        try:
-            found = await deployments.embed(body.model, texts)
-        except Exception as exc:
-            return await _refused_request(body.model, "embeddings", started, exc)
-        data = [
-            Embedding.model_construct(object="embedding", index=i, embedding=_encode(vector, body.encoding_format))
-            for i, vector in enumerate(found.vectors)
-        ]
-        usage = EmbeddingUsage(prompt_tokens=found.prompt_tokens, total_tokens=found.prompt_tokens)
-        counted = [Delta("", None, {"prompt_tokens": found.prompt_tokens, "completion_tokens": 0})]
-        metrics.observe(body.model, "embeddings", 200, started, counted, None)
-        return _json(CreateEmbeddingResponse.model_construct(object="list", model=body.model, data=data, usage=usage))
+class _TextAnswer:
+    """One text completion's id, whole (`make`) or in pieces (`chunk`), as openai's types."""
 
-    from .openai_responses import add_routes
+    def __init__(self, model: str):
+        self.model, self.ident, self.created = model, f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-    add_routes(app, deployments, metrics.observe, _MODEL_ERRORS)
+    def make(self, deltas: list[Delta]) -> Completion:
+        text = "".join(d.text for d in deltas)
+        choice = CompletionChoice(index=0, text=text, finish_reason=_finish(deltas, _TEXT_FINISH))
+        return Completion(id=self.ident, object="text_completion", created=self.created, model=self.model,
+                          choices=[choice], usage=_usage(deltas))
+
+    def chunk(self, delta: Delta | None, seen: list[Delta], usage: CompletionUsage | None = None) -> Completion | None:
+        if usage is not None:
+            return Completion(id=self.ident, object="text_completion", created=self.created, model=self.model,
+                              choices=[], usage=usage)
+        if delta is None:
+            return None
+        finish = _finish([delta], _TEXT_FINISH) if delta.finish_reason else None
+        choice = CompletionChoice.model_construct(index=0, text=delta.text, finish_reason=finish, logprobs=None)
+        return Completion.model_construct(id=self.ident, object="text_completion", created=self.created,
+                                          model=self.model, choices=[choice])
+
+
+@router.post("/v1/chat/completions", responses=_MODEL_ERRORS)
+async def chat_completions(body: ChatRequest, http: Request, state: Served = Depends(served)) -> Response:
+    made = _ChatAnswer(body.model)
+    return await _answer(state, "chat", body, [m.as_dict() for m in body.messages], made.make, made.chunk, http)
+
+
+@router.post("/v1/completions", responses=_MODEL_ERRORS)
+async def completions(body: CompletionRequest, http: Request, state: Served = Depends(served)) -> Response:
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if len(prompts) != 1:
+        return ApiError(400, "prompt: send one prompt per request", "invalid_request_error", "prompt").response()
+    made = _TextAnswer(body.model)
+    return await _answer(state, "completions", body, prompts[0], made.make, made.chunk, http)
+
+
+@router.post("/v1/embeddings", responses=_MODEL_ERRORS)
+async def embeddings(body: EmbeddingRequest, state: Served = Depends(served)) -> Response:
+    started = time.perf_counter()
+    texts = body.texts()
+    if not 1 <= len(texts) <= 2048:
+        return ApiError(400, "input: send 1 to 2048 texts", "invalid_request_error", "input").response()
+    if (refused := body.refusal()) is not None:
+        return refused.response()
+    try:
+        found = await state.deployments.embed(body.model, texts)
+    except Exception as exc:
+        return await state.refused(body.model, "embeddings", started, exc)
+    data = [
+        Embedding.model_construct(object="embedding", index=i, embedding=_encode(vector, body.encoding_format))
+        for i, vector in enumerate(found.vectors)
+    ]
+    usage = EmbeddingUsage(prompt_tokens=found.prompt_tokens, total_tokens=found.prompt_tokens)
+    counted = [Delta("", None, {"prompt_tokens": found.prompt_tokens, "completion_tokens": 0})]
+    state.metrics.observe(body.model, "embeddings", 200, started, counted, None)
+    return _json(CreateEmbeddingResponse.model_construct(object="list", model=body.model, data=data, usage=usage))
+
+
+def build_app(deployments: Deployments, *, key_digest: str | None = None, allowed_hosts: list[str] | None = None,
+              max_body_bytes: int = 16 << 20) -> Any:
+    """The ASGI app: FastAPI routes behind Starlette's Host header check, the bearer check and a body limit."""
+    from .responses import router as responses_router
+
+    app = FastAPI(title="byzer_magic OpenAI-compatible API", version="1", docs_url=None, redoc_url=None)
+    app.state.served = Served(deployments, _Metrics())
+    for kind, handler in ((RequestValidationError, _invalid), (HTTPException, _http), (ApiError, _refused),
+                          (Exception, _crash)):
+        app.add_exception_handler(kind, handler)
+    app.include_router(router)
+    app.include_router(responses_router)
     if allowed_hosts is not None:
         from starlette.middleware.trustedhost import TrustedHostMiddleware
 

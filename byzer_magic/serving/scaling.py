@@ -10,11 +10,11 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from .errors import SpecError
-from .options import MAX_WORKERS, DeployFlags
+from ..errors import SpecError
+from ..spec.options import MAX_WORKERS, DeployFlags
 
 if TYPE_CHECKING:
-    from .spec import DeploySpec
+    from ..spec.deploy_spec import DeploySpec
 
 _RANGE = re.compile(r"^\s*(\d+)\s*\.\.\s*(\d+)\s*$")
 _AUTOSCALING_ONLY = ("target_ongoing_requests", "upscale_delay_s", "downscale_delay_s")

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import DeployError
+from ..errors import DeployError
 
 _HIDDEN = ("node:", "object_store_memory", "memory", "accelerator_type:")
 """Ray's own bookkeeping resources, left out when naming what the cluster has."""
@@ -95,7 +95,7 @@ def _check_totals(workers: int, cpus: float, gpus: float, resources: Mapping[str
 
 def path_problem(path: str, backend: str) -> str | None:
     """What is wrong with a model path on this node: missing, unreadable, or not what the backend loads."""
-    from . import backends
+    from .. import backends
 
     found = Path(path)
     if not found.exists():

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from .backends.base import Messages
-from .errors import WrongTaskError
+from ..backends.base import Messages
+from ..errors import WrongTaskError
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ from typing import Any, Sequence
 
 from pydantic import SecretStr
 
-from .option_args import default_of
-from .options import DeployFlags
-from .spec import DeploySpec
+from ..spec.option_args import default_of
+from ..spec.options import DeployFlags
+from ..spec.deploy_spec import DeploySpec
 
 _chosen: Path | None = None
 _NOT_KEPT = {"model", "pretrained_model_type", "infer_backend", "infer_params", "file", "force", "ray_address"}

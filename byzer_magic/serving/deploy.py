@@ -15,11 +15,11 @@ from .raydoor import (
     app_status, deployed, deployment_options, pinned, serve_details, set_workers, setup_hook_env, start_app,
 )
 from .cluster import connect, worker_runtime_env
-from .errors import DeployError, NotDeployedError, SpecError, redact
-from .options import MAX_WORKERS
-from .spec import DeploySpec
+from ..errors import DeployError, NotDeployedError, SpecError, redact
+from ..spec.options import MAX_WORKERS
+from ..spec.deploy_spec import DeploySpec
 from .serve_status import ours, table_of, to_status
-from .status import DeploymentStatus, StatusTable
+from .status import DeploymentStatus, State, StatusTable
 from .worker import PRELOAD_ENV, WORKER_NAME, Worker
 
 Progress = Callable[[DeploymentStatus], None]
@@ -49,7 +49,7 @@ def status(name: str, *, ray_address: str | None = None, with_metrics: bool = Fa
     connect(ray_address, embedded_ok=False)
     app = serve_details().get("applications", {}).get(name)
     found = to_status(name, app)
-    if not with_metrics or found.state == "stopped":
+    if not with_metrics or found.state == State.STOPPED:
         return found
     replicas = [r.get("replica_id", "") for r in ours(app).get("replicas", []) if r.get("state") == "RUNNING"]
     return replace(found, metrics=metrics.combine(metrics.read(name, replicas), metrics.read_outstanding(name)))
@@ -64,7 +64,7 @@ def list_deployments(*, ray_address: str | None = None) -> StatusTable:
 def require(name: str, *, ray_address: str | None = None, with_metrics: bool = False) -> DeploymentStatus:
     """The status of a deployment that must exist; the error lists those that do."""
     current = status(name, ray_address=ray_address, with_metrics=with_metrics)
-    if current.state == "stopped":
+    if current.state == State.STOPPED:
         names = [row.name for row in list_deployments().rows]
         known = f"deployed now: {', '.join(names)}" if names else "nothing is deployed"
         raise NotDeployedError(f"no deployment named {name!r} ({known})")
@@ -79,7 +79,7 @@ def _runtime_env(spec: DeploySpec) -> dict[str, Any]:
     """
     env = worker_runtime_env()
     modules = spec.backend_class.preload
-    hook = setup_hook_env("byzer_magic.worker.preload") if env and modules else {}
+    hook = setup_hook_env("byzer_magic.serving.worker.preload") if env and modules else {}
     if not hook:
         return env
     return {**env, "env_vars": {**env.get("env_vars", {}), **hook, PRELOAD_ENV: ",".join(modules)}}
@@ -145,7 +145,7 @@ def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> Deployme
     if spec.model_path:
         placement.check_model_path(spec.model_path, spec.backend, nodes)
     existing = to_status(spec.name, app)
-    if existing.state != "stopped":
+    if existing.state != State.STOPPED:
         if not spec.force:
             raise DeployError(
                 f"a deployment named {spec.name!r} already exists ({existing.line()}). Chat with it, "
@@ -158,7 +158,7 @@ def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> Deployme
     try:
         start_app(_app(spec), spec.name, scalable=not spec.autoscaling)
         bounds = (spec.min_workers, spec.max_workers) if spec.autoscaling else None
-        ready = _wait(spec.name, first, deadline, on_progress, "--deploy_timeout", bounds=bounds)  # type: ignore[arg-type]
+        ready = _wait(spec.name, first, deadline, on_progress, "raise --deploy_timeout", bounds=bounds)  # type: ignore[arg-type]
         records.save(spec, address)
         return ready
     except BaseException as exc:
@@ -177,13 +177,14 @@ def _refuse_foreign(name: str, app: dict[str, Any] | None) -> None:
         )
 
 
-def _wait(name: str, workers: int, deadline: float, on_progress: Progress | None, timeout_flag: str,
+def _wait(name: str, workers: int, deadline: float, on_progress: Progress | None, wait_longer: str,
           *, bounds: tuple[int, int] | None = None) -> DeploymentStatus:
     """Until `workers` are ready: exactly that many for a fixed count, at least that many within autoscaling `bounds`.
 
     While the application is DEPLOYING nothing in the details can finish the
     wait, so its bare status is polled (cheap for the controller), and the
-    details are read only every PROGRESS_S for on_progress.
+    details are read only every PROGRESS_S for on_progress. `wait_longer` says
+    how the caller can give a slow model more time.
     """
     exact = bounds is None
     last = None
@@ -198,18 +199,18 @@ def _wait(name: str, workers: int, deadline: float, on_progress: Progress | None
         if current != last and on_progress:
             on_progress(current)
         last = current
-        if current.state == "failed":
+        if current.state == State.FAILED:
             raise DeployError(f"deploying {name!r} failed: {current.message}")
-        if exact and (current.state == "ready" and current.workers_ready == workers == current.workers_wanted
+        if exact and (current.state == State.READY and current.workers_ready == workers == current.workers_wanted
                       and len(current.workers) == workers and current.max_workers is None):
             return current
-        if (not exact and current.state in ("ready", "scaling") and current.workers_ready >= workers
+        if (not exact and current.state in (State.READY, State.SCALING) and current.workers_ready >= workers
                 and (current.min_workers, current.max_workers) == bounds):
             return current
         if time.monotonic() > deadline:
             raise DeployError(
                 f"{name!r} was not ready in time ({current.workers_ready}/{workers} workers; "
-                f"{current.message or 'still starting'}); raise {timeout_flag} if the model is slow to load"
+                f"{current.message or 'still starting'}); {wait_longer} if the model is slow to load"
             )
         time.sleep(_POLL_S)
 
@@ -244,7 +245,8 @@ def scale(
         before = f"{current.range_text()} workers"
     _record_workers(name, workers)
     try:
-        return _wait(name, first, time.monotonic() + timeout, on_progress, "the scale timeout",
+        return _wait(name, first, time.monotonic() + timeout, on_progress,
+                     f"byzer_magic.serving.deploy.scale(..., timeout=SECONDS) waits longer than {timeout:g} s",
                      bounds=None if isinstance(workers, int) else workers)
     except (DeployError, KeyboardInterrupt) as exc:
         # A scale that cannot finish goes back to where it was, instead of leaving Serve adding workers.

@@ -13,19 +13,19 @@ from typing import Callable
 
 import ipywidgets as widgets
 
-from .status import DeploymentStatus
+from ..serving.status import SERVING, DeploymentStatus, State
 
 Fetch = Callable[[str], DeploymentStatus]
 Scale = Callable[[str, "int | tuple[int, int]"], DeploymentStatus]
 Stop = Callable[[str], None]
 
 _COLORS = {
-    "ready": "var(--jp-success-color1, #1a7f37)",
-    "deploying": "var(--jp-warn-color1, #9a6700)",
-    "scaling": "var(--jp-warn-color1, #9a6700)",
-    "degraded": "var(--jp-warn-color0, #bc4c00)",
-    "failed": "var(--jp-error-color1, #cf222e)",
-    "stopped": "var(--jp-ui-font-color2, #6e7781)",
+    State.READY: "var(--jp-success-color1, #1a7f37)",
+    State.DEPLOYING: "var(--jp-warn-color1, #9a6700)",
+    State.SCALING: "var(--jp-warn-color1, #9a6700)",
+    State.DEGRADED: "var(--jp-warn-color0, #bc4c00)",
+    State.FAILED: "var(--jp-error-color1, #cf222e)",
+    State.STOPPED: "var(--jp-ui-font-color2, #6e7781)",
 }
 """JupyterLab's (and Notebook 7's) theme colours, so a state stays readable in dark themes; hex elsewhere."""
 
@@ -81,10 +81,10 @@ class StatusCard(widgets.VBox):
         A status without request figures (a scale's answer) keeps the last ones
         drawn, so they do not blink away until the next update brings them.
         """
-        if not status.metrics and self.status.metrics and status.state != "stopped":
+        if not status.metrics and self.status.metrics and status.state != State.STOPPED:
             status = replace(status, metrics=self.status.metrics)
         self.status = status
-        color = _COLORS.get(status.state, _COLORS["stopped"])
+        color = _COLORS.get(status.state, _COLORS[State.STOPPED])
         self.title.value = (
             f"<b>{escape(status.name)}</b> &nbsp;<span style='color:{color}'>&#9679; {status.state}</span>"
         )
@@ -96,7 +96,7 @@ class StatusCard(widgets.VBox):
         if status.workers and any(w != "running" for w in status.workers):
             workers += " (" + ", ".join(status.workers) + ")"
         rows = [("workers", workers)]
-        if status.state == "scaling" and status.message:
+        if status.state == State.SCALING and status.message:
             rows.append(("scaling", status.message))
         if status.placement():
             rows.append(("on nodes", status.placement()))
@@ -111,7 +111,7 @@ class StatusCard(widgets.VBox):
             rows.append(("endpoint", details["base_url"]))
         if self.address:
             rows.append(("ray", self.address))
-        if status.state in ("ready", "degraded", "scaling"):
+        if status.state in SERVING:
             rows.append(("requests", status.activity()))
         if status.metrics.get("last_error"):
             rows.append(("last error", status.metrics["last_error"]))
@@ -120,9 +120,9 @@ class StatusCard(widgets.VBox):
         ) + "</table>"
         self.error.value = (
             f"<span style='color:{_COLORS['failed']}'>{escape(status.message)}</span>"
-            if status.message and status.state in ("failed", "degraded") else ""
+            if status.message and status.state in (State.FAILED, State.DEGRADED) else ""
         )
-        live = status.state not in ("stopped", "failed") and not self._busy
+        live = status.state not in (State.STOPPED, State.FAILED) and not self._busy
         self.plus.disabled = not (live and self._scale)
         smallest = status.workers_wanted if status.max_workers is None else status.max_workers
         self.minus.disabled = not (live and self._scale and smallest > 1)
@@ -148,7 +148,7 @@ class StatusCard(widgets.VBox):
     def _stop(self) -> DeploymentStatus:
         self._stop_fn(self._name)
         self._closed.set()
-        return DeploymentStatus(self._name, "stopped", 0, 0, "", self.status.details)
+        return DeploymentStatus(self._name, State.STOPPED, 0, 0, "", self.status.details)
 
     def start_updates(self) -> None:
         """Poll the cluster until the deployment is gone or the card is closed."""
@@ -162,10 +162,10 @@ class StatusCard(widgets.VBox):
                 try:
                     status = self._fetch(self._name)
                 except Exception:  # noqa: BLE001 - a lost cluster shows as stopped, not as a dead thread
-                    status = DeploymentStatus(self._name, "stopped", 0, 0, "cannot reach the cluster", self.status.details)
+                    status = DeploymentStatus(self._name, State.STOPPED, 0, 0, "cannot reach the cluster", self.status.details)
                 if status != self.status:
                     self.refresh(status)
-                if status.state == "stopped":
+                if status.state == State.STOPPED:
                     break
 
         self._thread = threading.Thread(target=loop, name=f"byzer-card-{self._name}", daemon=True)

@@ -23,12 +23,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import SecretStr, ValidationError
 
-from . import backends, scaling
-from .backends import EMBEDDING_TYPES
-from .backends.base import Backend, BackendSettings, Context
-from .errors import SpecError, redact
-from .flags import (SECRET_KEY, Flags, did_you_mean, read_flags, secret_references, secrets_in, secrets_in_env,
-                    split_cell)
+from .. import backends
+from ..serving import scaling
+from ..backends import EMBEDDING_TYPES
+from ..backends.base import Backend, BackendSettings, Context
+from ..errors import SpecError, redact
+from .flags import (
+    SECRET_KEY, Flags, did_you_mean, read_flags, secret_references, secrets_in, secrets_in_env, split_cell,
+)
 from .option_args import default_of, validated
 from .options import DeployFlags
 

@@ -15,7 +15,7 @@ import sys
 import threading
 
 from . import raydoor
-from .errors import DeployError, NotDeployedError
+from ..errors import DeployError, NotDeployedError
 
 _lock = threading.Lock()
 _serve_started = False
@@ -190,7 +190,7 @@ def _join(target: str, kwargs: dict) -> None:
 def _start_reaper() -> None:
     """Watch this process so a killed kernel does not leave Ray's agents running."""
     subprocess.Popen(
-        [sys.executable, "-m", "byzer_magic.reaper", str(os.getpid())],
+        [sys.executable, "-m", "byzer_magic.serving.reaper", str(os.getpid())],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

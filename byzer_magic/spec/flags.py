@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 from urllib.parse import urlsplit
 
-from .errors import SpecError
+from ..errors import SpecError
 from .option_args import add_arguments, validated
 from .options import DeployFlags, ServeFlags
 

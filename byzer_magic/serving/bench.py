@@ -21,8 +21,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from .errors import NotDeployedError, SpecError
-from .options import BenchOptions
+from ..errors import NotDeployedError, SpecError
+from ..spec.options import BenchOptions
+from .status import State
 
 _WORDS = ("time year people way day man thing woman life child world school state family student group country "
           "problem hand part place case week company system program question work government number night point "
@@ -120,7 +121,7 @@ def summarize(concurrency: int, samples: list[Sample], duration: float, task: st
 
 def _facts(name: str, ray_address: str | None) -> tuple[str, bool]:
     """The deployment's task, and whether its backend takes ignore_eos (answers of a fixed length where it does)."""
-    from . import backends
+    from .. import backends
     from .deploy import require
 
     details = require(name, ray_address=ray_address).details
@@ -188,18 +189,18 @@ def _wait(future: Any, done: list[int], total: int, label: str, progress: bool) 
 def _via(name: str, options: BenchOptions, task: str, ray_address: str | None) -> "_Connection":
     if options.via == "handle":
         return _Handle(name, options, task)
-    from . import gateway
+    from ..openai import gateway
 
     found = gateway.endpoint(ray_address=ray_address)
-    if found is None or found.state != "running":
+    if found is None or found.state != State.RUNNING:
         raise NotDeployedError("--via endpoint needs the OpenAI endpoint running: start it with %byzer_serve "
                                "(or bench with --via handle)")
     if found.generated_key:
-        from .key_store import endpoint_key
+        from ..openai.key_store import endpoint_key
 
         key = endpoint_key()
     elif options.api_key:
-        from .flags import _expand
+        from ..spec.flags import _expand
 
         key = _expand(options.api_key, os.environ, "--api_key")
     elif found.auth:
@@ -229,7 +230,7 @@ class _Connection:
 
 class _Handle(_Connection):
     async def chat(self, prompt: str, sample: Sample) -> None:
-        from .backends.base import GenParams
+        from ..backends.base import GenParams
         from .chat import astream
 
         gen = GenParams(max_tokens=self.options.max_tokens, ignore_eos=self.ignore_eos)

@@ -17,7 +17,7 @@ from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from .errors import SpecError
+from ..errors import SpecError
 
 M = TypeVar("M", bound=BaseModel)
 _SECRET = re.compile(r"(key|token|secret|password)$", re.IGNORECASE)

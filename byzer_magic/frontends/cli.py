@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from .errors import ByzerError, DeployError, SpecError
+from ..errors import ByzerError, DeployError, SpecError
 from .wording import for_shell
 
 COMMANDS = {
@@ -56,13 +56,13 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
         if name == "chat":
             cmd.add_argument("prompt", nargs="+")
             if command == "chat":
-                from .option_args import add_arguments
-                from .options import ChatOptions
+                from ..spec.option_args import add_arguments
+                from ..spec.options import ChatOptions
 
                 add_arguments(cmd, ChatOptions, notebook=False)
         if name == "bench" and command == "bench":
-            from .option_args import add_arguments
-            from .options import BenchOptions
+            from ..spec.option_args import add_arguments
+            from ..spec.options import BenchOptions
 
             add_arguments(cmd, BenchOptions, notebook=False)
         if name == "embed":
@@ -91,8 +91,8 @@ def _hide_secrets(argv: list[str]) -> None:
     (`ray list jobs`, the dashboard) for the life of the cluster when a driver
     connects. The parsed flags keep the values; what `ps` and Ray see is ***.
     """
-    from .errors import redact
-    from .flags import secrets_in
+    from ..errors import redact
+    from ..spec.flags import secrets_in
 
     secrets = secrets_in(argv)
     if not secrets:
@@ -144,7 +144,7 @@ def _run(args: argparse.Namespace) -> int:
         return _bench(args)
     if args.command == "history":
         return _history(args)
-    from . import deploy as deploy_api
+    from ..serving import deploy as deploy_api
 
     where = args.ray_address
     if args.command == "list":
@@ -152,15 +152,15 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "stat":
         _say(repr(deploy_api.require(args.name, ray_address=where, with_metrics=True)))
     elif args.command == "scale":
-        from .scaling import parse_target
+        from ..serving.scaling import parse_target
 
         _say(deploy_api.scale(args.name, parse_target(args.workers), ray_address=where))
     elif args.command == "undeploy":
         deploy_api.undeploy(args.name, ray_address=where)
         _say(f"{args.name} undeployed")
     elif args.command == "embed":
-        from .chat import embed
-        from .cluster import connect
+        from ..serving.chat import embed
+        from ..serving.cluster import connect
 
         connect(where, embedded_ok=False)
         for vector in embed(args.name, args.texts):
@@ -169,14 +169,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _deploy(argv: list[str]) -> int:
-    from .spec import parse_args
+    from ..spec.deploy_spec import parse_args
 
     if not argv or argv[0] in ("-h", "--help"):
         print(_deploy_help())
         return 0
     spec = parse_args(argv)
-    from . import deploy as deploy_api
-    from .cluster import connect
+    from ..serving import deploy as deploy_api
+    from ..serving.cluster import connect
 
     try:
         deploy_api.preflight(spec)
@@ -190,25 +190,25 @@ def _deploy(argv: list[str]) -> int:
 
 
 def _deploy_help() -> str:
-    from .flags import build_parser
-    from .spec import settings_help
+    from ..spec.flags import build_parser
+    from ..spec.deploy_spec import settings_help
 
     return build_parser().format_help() + "\n" + settings_help()
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from .option_args import fields, validated
-    from .options import ChatOptions
+    from ..spec.option_args import fields, validated
+    from ..spec.options import ChatOptions
 
     options = validated(ChatOptions, {name: getattr(args, name) for name in fields(ChatOptions, notebook=False)})
-    from . import chat as chat_api
-    from .cluster import connect
+    from ..serving import chat as chat_api
+    from ..serving.cluster import connect
 
     connect(args.ray_address, embedded_ok=False)
     question = " ".join(args.prompt)
     messages = chat_api.messages_for(question, options.system)
     if options.session:
-        from . import sessions
+        from ..serving import sessions
 
         store = sessions.FileStore()
         prepared = sessions.prepare(store, options.session, args.name, question, system=options.system,
@@ -224,12 +224,12 @@ def _chat(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     """Progress bars go to stderr, so stdout holds only the results in the --format asked for."""
-    from .option_args import fields, validated
-    from .options import BenchOptions
+    from ..spec.option_args import fields, validated
+    from ..spec.options import BenchOptions
 
     options = validated(BenchOptions, {name: getattr(args, name) for name in fields(BenchOptions, notebook=False)})
-    from . import bench
-    from .cluster import connect
+    from ..serving import bench
+    from ..serving.cluster import connect
 
     connect(args.ray_address, embedded_ok=False)
     result = bench.run(args.name, options, ray_address=args.ray_address)
@@ -243,9 +243,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _history(args: argparse.Namespace) -> int:
-    from . import sessions
-    from .option_args import validated
-    from .options import HistoryOptions
+    from ..serving import sessions
+    from ..spec.option_args import validated
+    from ..spec.options import HistoryOptions
 
     options = validated(HistoryOptions, {"session": args.session, "clear": args.clear})
     store = sessions.FileStore()
@@ -259,13 +259,13 @@ def _history(args: argparse.Namespace) -> int:
 
 def _restore(argv: list[str]) -> int:
     """Exit status 1 when any kept deployment could not be restored (each says why)."""
-    from .restore import read_args, restore
+    from ..serving.restore import read_args, restore
 
     if argv[:1] in (["-h"], ["--help"]):
         print(COMMANDS["restore"])
         return 0
     args = read_args(argv, "byzer-magic restore")
-    from .cluster import connect
+    from ..serving.cluster import connect
 
     connect(args.ray_address, embedded_ok=False)
     report = restore(args.names, infer_params=args.infer_params or (), ray_address=args.ray_address,
@@ -277,14 +277,14 @@ def _restore(argv: list[str]) -> int:
 def _serve(argv: list[str]) -> int:
     import os
 
-    from .flags import build_serve_parser, read_serve_flags
+    from ..spec.flags import build_serve_parser, read_serve_flags
 
     if argv[:1] in (["-h"], ["--help"]):
         print(build_serve_parser("byzer-magic serve").format_help())
         return 0
     args = read_serve_flags(argv, os.environ, "byzer-magic serve")
-    from . import gateway
-    from .cluster import connect
+    from ..openai import gateway
+    from ..serving.cluster import connect
 
     connect(args.ray_address, embedded_ok=False)
     if args.stop:

@@ -8,9 +8,9 @@ from __future__ import annotations
 import re
 import shlex
 
-from .errors import SpecError
-from .option_args import value_flags
-from .options import ChatOptions
+from ..errors import SpecError
+from ..spec.option_args import value_flags
+from ..spec.options import ChatOptions
 
 _VALUED = value_flags(ChatOptions)
 _CHAT_LINE = re.compile(r"^(\s*(?:[A-Za-z_][\w.]*\s*=\s*)?)%(byzer_chat|byzer_embed)\s+(\S+\s+\S.*?)\s*$")

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, TextIO, TypeVar
 
 from . import metrics
-from .backends.base import Delta, Embeddings, GenParams, Messages, whole_tool_calls
+from ..backends.base import Delta, Embeddings, GenParams, Messages, whole_tool_calls
 from .cluster import connect
-from .errors import BackendError, ByzerError, NotDeployedError
+from ..errors import BackendError, ByzerError, NotDeployedError
 from .raydoor import over_ray_client
 from .worker import WORKER_NAME
 

@@ -19,19 +19,20 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from traitlets import Bool, Float, Int, TraitError, TraitType, Unicode, observe, validate
 from traitlets.config import Configurable
 
-from . import chat as chat_api
-from . import deploy as deploy_api
-from . import gateway, records, sessions
-from . import restore as restore_api
+from ..serving import chat as chat_api
+from ..serving import deploy as deploy_api
+from ..openai import gateway
+from ..serving import records, sessions
+from ..serving import restore as restore_api
 from .chat_line import split_chat_line
-from .cluster import connect, use_configured_address
-from .errors import ByzerError, SpecError
-from .flags import read_serve_flags
-from .option_args import arguments, check, fields, help_lines, kind_of, validated
-from .options import SERVE_DEFAULTS, BenchOptions, ChatOptions, DeployFlags, HistoryOptions, ServeFlags
-from .scaling import parse_target
-from .spec import parse_spec, settings_help
-from .status import DeploymentStatus
+from ..serving.cluster import connect, use_configured_address
+from ..errors import ByzerError, SpecError
+from ..spec.flags import read_serve_flags
+from ..spec.option_args import arguments, check, fields, help_lines, kind_of, validated
+from ..spec.options import SERVE_DEFAULTS, BenchOptions, ChatOptions, DeployFlags, HistoryOptions, ServeFlags
+from ..serving.scaling import parse_target
+from ..spec.deploy_spec import DeploySpec, parse_spec, settings_help
+from ..serving.status import DeploymentStatus, State
 from .widgets import StatusCard
 
 
@@ -53,6 +54,12 @@ def _friendly(method: Callable) -> Callable:
             raise UsageError(f"%{method.__name__} interrupted") from None
 
     return wrapper
+
+
+def ready_line(spec: DeploySpec, seconds: float) -> str:
+    """What a deploy outside a notebook prints: the magic that uses it, `%byzer_embed` for an embedding model."""
+    use = f"embed with %byzer_embed {spec.name} TEXT" if spec.task == "embed" else f"chat with %byzer_chat {spec.name} ..."
+    return f"{spec.name} ready in {seconds:.1f} s: {use}"
 
 
 def _deploy_doc() -> str:
@@ -167,10 +174,9 @@ class ByzerMagics(Magics, Configurable):
         started = time.monotonic()
         if not self._in_notebook():
             result = deploy_api.deploy(spec, on_progress=self._progress)
-            use = f"embed with %byzer_embed {spec.name} TEXT" if spec.task == "embed" else f"chat with %byzer_chat {spec.name} ..."
-            print(f"{spec.name} ready in {time.monotonic() - started:.1f} s: {use}")
+            print(ready_line(spec, time.monotonic() - started))
             return result
-        card = self._card(DeploymentStatus(spec.name, "deploying", 0, spec.num_workers, "", spec.describe(),
+        card = self._card(DeploymentStatus(spec.name, State.DEPLOYING, 0, spec.num_workers, "", spec.describe(),
                                            min_workers=spec.min_workers, max_workers=spec.max_workers))
         display(card)
         try:
@@ -178,7 +184,7 @@ class ByzerMagics(Magics, Configurable):
             card.address = _ray_address()
             card.refresh(ready)
         except ByzerError as exc:
-            card.refresh(DeploymentStatus(spec.name, "failed", 0, spec.num_workers, str(exc), spec.describe(),
+            card.refresh(DeploymentStatus(spec.name, State.FAILED, 0, spec.num_workers, str(exc), spec.describe(),
                                           min_workers=spec.min_workers, max_workers=spec.max_workers))
             raise
         card.start_updates()
@@ -309,7 +315,7 @@ class ByzerMagics(Magics, Configurable):
         Per level: requests/s, output tokens/s (texts/s for an embedder), time
         to first token, inter-token and end-to-end latency (p50 and p99, ms),
         errors and the first error's text. The figure plots throughput against
-        concurrency and latency per level; `byzer_magic.bench_figure.plot(a, b)`
+        concurrency and latency per level; `byzer_magic.frontends.bench_figure.plot(a, b)`
         draws several results in one figure.
 
         Examples::
@@ -318,7 +324,7 @@ class ByzerMagics(Magics, Configurable):
             %byzer_bench my_chat --concurrency 1,4,16 --requests 64 --max_tokens 64 -o result
             %byzer_bench my_chat --via endpoint --prompt "Tell me about Ray"
         """
-        from . import bench
+        from ..serving import bench
         from .bench_figure import plot
 
         args = parse_argstring(self.byzer_bench, line)

@@ -19,8 +19,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from . import backends
-from .backends.base import GenParams
+from .. import backends
+from ..backends.base import GenParams
 
 MAX_WORKERS = 256
 RESERVED_NAME = "byzer_openai"

@@ -14,9 +14,9 @@ from typing import Callable, Mapping, Sequence
 
 from . import deploy as deploy_api
 from . import records
-from .errors import ByzerError, SpecError
-from .flags import _Parser
-from .spec import parse_args
+from ..errors import ByzerError, SpecError
+from ..spec.flags import _Parser
+from ..spec.deploy_spec import parse_args
 from .status import DeploymentStatus
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .backends.base import Capabilities, GenParams
-from .errors import FieldError
+from ..backends.base import Capabilities, GenParams
+from ..errors import FieldError
 
 FORWARDED = ("user", "metadata", "store", "service_tier", "prediction", "reasoning_effort", "suffix")
 """Fields a provider takes as given: backends with `capabilities.provider_fields` pass them on."""
@@ -157,8 +157,8 @@ def table(backends: list[tuple[str, Capabilities]]) -> str:
 
 
 def main() -> None:
-    """Print the README's table for the built-in backends: `python -m byzer_magic.request_fields`."""
-    from .backends import _BUILT_IN, find
+    """Print the README's table for the built-in backends: `python -m byzer_magic.serving.request_fields`."""
+    from ..backends import _BUILT_IN, find
 
     print(table([(name, find(name).capabilities) for name in _BUILT_IN]))
 

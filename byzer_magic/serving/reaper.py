@@ -5,7 +5,7 @@ A kernel that exits normally shuts Ray down itself. One that is killed
 per-node agents running with no parent; this small process watches the
 kernel's process tree and ends whatever of it outlives the kernel.
 
-    python -m byzer_magic.reaper KERNEL_PID
+    python -m byzer_magic.serving.reaper KERNEL_PID
 """
 from __future__ import annotations
 

@@ -2,14 +2,42 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
+
+
+class State(str, Enum):
+    """What a deployment (or the endpoint) is doing, as printed: compares equal to its word, prints as it.
+
+    The endpoint has two states of its own (starting, running); a worker's state is Serve's, lower-cased.
+    """
+
+    DEPLOYING = "deploying"
+    READY = "ready"
+    SCALING = "scaling"
+    DEGRADED = "degraded"
+    FAILED = "failed"
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+SERVING = (State.READY, State.DEGRADED, State.SCALING)
+"""States in which a deployment answers requests, so its request figures are worth showing."""
+
 
 @dataclass(frozen=True)
 class DeploymentStatus:
     """What a user wants to know about one deployment at a glance."""
 
     name: str
-    state: str
+    state: State
     workers_ready: int = 0
     workers_wanted: int = 0
     message: str = ""
@@ -64,14 +92,14 @@ class DeploymentStatus:
 
     def line(self) -> str:
         text = f"{self.name}: {self.state}, {self.workers_text()}, {self.backend} {self.model}"
-        return f"{text} ({self.message})" if self.message and self.state != "ready" else text
+        return f"{text} ({self.message})" if self.message and self.state != State.READY else text
 
     def __repr__(self) -> str:
         """The line, then the request figures when they were read (a scale's answer has none)."""
         text = self.line()
         if self.placement():
             text += f"\n  workers on nodes: {self.placement()}"
-        if self.metrics and self.state in ("ready", "degraded", "scaling"):
+        if self.metrics and self.state in SERVING:
             text += f"\n  requests: {self.activity()}"
             if self.metrics.get("last_error"):
                 text += f"\n  last error: {self.metrics['last_error']}"

@@ -18,7 +18,7 @@ import logging
 import re
 from typing import Any
 
-from .errors import DeployError
+from ..errors import DeployError
 
 OLDEST_RAY = (2, 48, 0)
 NEWEST_RAY = (2, 60, 0)

@@ -25,12 +25,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterator
 
-from .backends.base import Delta, Embeddings, GenParams, Messages
-from .cluster import connect, worker_runtime_env
-from .errors import DeployError, NotDeployedError
+from ..backends.base import Delta, Embeddings, GenParams, Messages
+from ..serving.cluster import connect, worker_runtime_env
+from ..errors import DeployError, NotDeployedError
 from .key_store import endpoint_key, key_file
-from .openai_api import LOOPBACK_NAMES, build_app, key_digest, trusted_hosts
-from .options import RESERVED_NAME, SERVE_DEFAULTS
+from .routes import LOOPBACK_NAMES, build_app, key_digest, trusted_hosts
+from ..spec.options import RESERVED_NAME, SERVE_DEFAULTS
+from ..serving.status import State
 
 GATEWAY_APP = RESERVED_NAME
 GATEWAY_NAME = "ByzerGateway"
@@ -40,9 +41,9 @@ class _ServeDeployments:
     """The API's view of the cluster: Serve's details for listing, handles for answers."""
 
     async def models(self) -> list[dict[str, Any]]:
-        from .deploy import table_of
-        from .metrics import read_context
-        from .raydoor import serve_details_async
+        from ..serving.deploy import table_of
+        from ..serving.metrics import read_context
+        from ..serving.raydoor import serve_details_async
 
         details = await serve_details_async()
         rows = table_of(details).rows
@@ -50,17 +51,17 @@ class _ServeDeployments:
         return [{**row.details, "name": row.name, "max_model_len": n} for row, n in zip(rows, lengths)]
 
     def stream(self, name: str, request: Messages | str, gen: GenParams) -> AsyncIterator[Delta]:
-        from .chat import astream
+        from ..serving.chat import astream
 
         return astream(name, request, gen)
 
     async def complete(self, name: str, request: Messages | str, gen: GenParams) -> list[Delta]:
-        from .chat import acomplete
+        from ..serving.chat import acomplete
 
         return await acomplete(name, request, gen)
 
     async def embed(self, name: str, texts: list[str]) -> Embeddings:
-        from .chat import aembed
+        from ..serving.chat import aembed
 
         return await aembed(name, texts)
 
@@ -186,7 +187,7 @@ class Endpoint:
     host: str
     port: int
     auth: bool
-    state: str
+    state: State
     message: str = ""
     generated_key: bool = False
 
@@ -201,7 +202,7 @@ class Endpoint:
         else:
             key = "API key required" if self.auth else "no API key"
         text = f"OpenAI-compatible endpoint {self.state} at {self.url} ({key})"
-        if self.state != "stopped":
+        if self.state != State.STOPPED:
             text += "; stop it with %byzer_serve --stop"
         return f"{text}: {self.message}" if self.message else text
 
@@ -210,7 +211,7 @@ class Endpoint:
 
 def endpoint(*, ray_address: str | None = None) -> Endpoint | None:
     """The running endpoint, read from the cluster, or None."""
-    from .raydoor import reason_in, serve_details
+    from ..serving.raydoor import reason_in, serve_details
 
     connect(ray_address, embedded_ok=False)
     app = serve_details().get("applications", {}).get(GATEWAY_APP)
@@ -218,8 +219,8 @@ def endpoint(*, ray_address: str | None = None) -> Endpoint | None:
     if not dep or app.get("status") == "DELETING":
         return None
     where = dep.get("deployment_config", {}).get("user_config") or {}
-    state = {"RUNNING": "running", "DEPLOY_FAILED": "failed"}.get(app.get("status", ""), "starting")
-    message = reason_in(dep.get("message") or app.get("message") or "") if state != "running" else ""
+    state = {"RUNNING": State.RUNNING, "DEPLOY_FAILED": State.FAILED}.get(app.get("status", ""), State.STARTING)
+    message = reason_in(dep.get("message") or app.get("message") or "") if state != State.RUNNING else ""
     return Endpoint(str(where.get("host")), int(where.get("port") or 0), bool(where.get("auth")), state, message,
                     where.get("key") == "generated")
 
@@ -228,7 +229,7 @@ def _keeps(current: Endpoint | None, host: str, port: int, generated: bool, forc
     """Whether the running endpoint stays: a plain repeat keeps it; opening a loopback one to the network needs force."""
     if current is None or force:
         return False
-    if current.state == "running" and (current.host, current.port) == (host, port) and generated and current.generated_key:
+    if current.state == State.RUNNING and (current.host, current.port) == (host, port) and generated and current.generated_key:
         return True
     if current.host in LOOPBACK_NAMES and host not in LOOPBACK_NAMES:
         raise DeployError(
@@ -260,7 +261,7 @@ def start(
     import ray
     from ray import serve
 
-    from .raydoor import HEAD_NODE_RESOURCE, deployment_options, over_ray_client, start_app
+    from ..serving.raydoor import HEAD_NODE_RESOURCE, deployment_options, over_ray_client, start_app
 
     connect(ray_address)
     generated = api_key is None
@@ -285,28 +286,33 @@ def start(
         health_check_period_s=2,
         graceful_shutdown_timeout_s=5,
     ))).bind(host, port, key_digest(api_key), trusted_hosts(host, allowed_hosts), int(max_body_mb * 2**20))
-    deadline = time.monotonic() + timeout
     try:
         start_app(app, GATEWAY_APP)
-        while True:
-            found = endpoint()
-            if found and found.state == "running":
-                return found
-            if found and found.state == "failed":
-                raise DeployError(f"the OpenAI endpoint did not start: {found.message}")
-            if time.monotonic() > deadline:
-                raise DeployError(f"the OpenAI endpoint was not up within {timeout:g} s")
-            time.sleep(0.05)
+        return _wait_running(timeout)
     except BaseException:
         _delete(metrics_dir)
         raise
+
+
+def _wait_running(timeout: float) -> Endpoint:
+    """The endpoint once Serve says it runs; a DeployError when it failed or is not up in time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = endpoint()
+        if found and found.state == State.RUNNING:
+            return found
+        if found and found.state == State.FAILED:
+            raise DeployError(f"the OpenAI endpoint did not start: {found.message}")
+        if time.monotonic() > deadline:
+            raise DeployError(f"the OpenAI endpoint was not up within {timeout:g} s")
+        time.sleep(0.05)
 
 
 def _delete(metrics_dir: str | None = None) -> None:
     """Remove the endpoint's app, then its metrics files (on this machine, where its replicas ran)."""
     from ray import serve
 
-    from .raydoor import serve_details
+    from ..serving.raydoor import serve_details
 
     app = serve_details().get("applications", {}).get(GATEWAY_APP) or {}
     config = app.get("deployments", {}).get(GATEWAY_NAME, {}).get("deployment_config", {}).get("user_config") or {}
@@ -322,4 +328,4 @@ def stop(*, ray_address: str | None = None) -> Endpoint:
     if current is None:
         raise NotDeployedError("no OpenAI endpoint is running on this cluster (start one with %byzer_serve)")
     _delete()
-    return Endpoint(current.host, current.port, current.auth, "stopped")
+    return Endpoint(current.host, current.port, current.auth, State.STOPPED)

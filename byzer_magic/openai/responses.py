@@ -13,8 +13,8 @@ import time
 import uuid
 from typing import Any, AsyncIterator, Literal
 
-from fastapi import FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
 from openai.types.responses import (
     Response as ResponseObject,
     ResponseCompletedEvent,
@@ -35,9 +35,9 @@ from openai.types.responses.response_usage import InputTokensDetails, OutputToke
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from .backends.base import Delta, GenParams, Messages
-from .openai_api import ApiError, ClientGone, _api_error, _unless_gone, _usage, _dump, _json
-from .openai_tools import ToolChecks
+from ..backends.base import Delta, GenParams, Messages
+from .routes import _MODEL_ERRORS, ApiError, Served, _api_error, _dump, _usage, event_stream, served
+from .tools import ToolChecks
 
 _HARMLESS = {"store": (False, None), "truncation": ("disabled", None), "parallel_tool_calls": (None, False, True),
              "user": None, "safety_identifier": None, "prompt_cache_key": None, "service_tier": ("auto", "default", None)}
@@ -206,39 +206,27 @@ async def _events(answer: _Answer, stream: AsyncIterator[Delta], first: Delta | 
         done(error, seen)
 
 
-def add_routes(app: FastAPI, deployments: Any, observe: Any, responses: dict[int | str, dict[str, Any]]) -> None:
-    """POST /v1/responses on the app, answered through `deployments` and counted by `observe`."""
+router = APIRouter()
 
-    @app.post("/v1/responses", responses=responses)
-    async def create_response(body: ResponsesRequest, http: Request) -> Response:
-        started = time.perf_counter()
-        refused = body.refused_field()
-        if refused is not None:
-            error = ApiError(400, f"{refused}: /v1/responses here carries text in and text out, without stored "
-                                  f"state or tools; {refused} is not supported (use /v1/chat/completions)",
-                             "invalid_request_error", refused, "unsupported_parameter")
-            observe(body.model, "responses", 400, started, [], error)
-            return error.response()
-        answer = _Answer(body)
-        stream: AsyncIterator[Delta] | None = None
-        try:
-            if not body.stream:
-                deltas = await _unless_gone(http, deployments.complete(body.model, body.messages(), body.gen()))
-                observe(body.model, "responses", 200, started, deltas, None)
-                return _json(answer.response(deltas))
-            stream = deployments.stream(body.model, body.messages(), body.gen())
-            first = await _unless_gone(http, anext(stream, None))
-        except ClientGone:
-            if stream is not None:
-                await stream.aclose()
-            return Response(status_code=499)
-        except Exception as exc:
-            error = _api_error(exc)
-            observe(body.model, "responses", error.status, started, [], error)
-            return error.response()
 
-        def done(error: ApiError | None, seen: list[Delta]) -> None:
-            observe(body.model, "responses", error.status if error else 200, started, seen, error)
+@router.post("/v1/responses", responses=_MODEL_ERRORS)
+async def create_response(body: ResponsesRequest, http: Request, state: Served = Depends(served)) -> Response:
+    """POST /v1/responses, answered through the app's deployments and counted in its metrics."""
+    started = time.perf_counter()
+    refused = body.refused_field()
+    if refused is not None:
+        error = ApiError(400, f"{refused}: /v1/responses here carries text in and text out, without stored "
+                              f"state or tools; {refused} is not supported (use /v1/chat/completions)",
+                         "invalid_request_error", refused, "unsupported_parameter")
+        state.metrics.observe(body.model, "responses", 400, started, [], error)
+        return error.response()
+    answer = _Answer(body)
+    begun = await state.begin(http, "responses", body.model, body.messages(), body.gen(), body.stream, started,
+                              answer.response)
+    if isinstance(begun, Response):
+        return begun
 
-        return StreamingResponse(_events(answer, stream, first, done), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    def done(error: ApiError | None, seen: list[Delta]) -> None:
+        state.metrics.observe(body.model, "responses", error.status if error else 200, started, seen, error)
+
+    return event_stream(_events(answer, *begun, done))

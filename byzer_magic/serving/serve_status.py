@@ -10,7 +10,7 @@ from typing import Any
 
 from .placement import node_label
 from .raydoor import reason_in
-from .status import DeploymentStatus, StatusTable
+from .status import DeploymentStatus, State, StatusTable
 from .worker import WORKER_NAME
 
 
@@ -21,7 +21,7 @@ def ours(app: dict[str, Any]) -> dict[str, Any] | None:
 
 def to_status(name: str, app: dict[str, Any] | None) -> DeploymentStatus:
     if app is None or ours(app) is None:
-        return DeploymentStatus(name, "stopped")
+        return DeploymentStatus(name, State.STOPPED)
     dep = ours(app)
     config = dep.get("deployment_config", {})
     autoscaling = config.get("autoscaling_config") or {}
@@ -39,7 +39,7 @@ def to_status(name: str, app: dict[str, Any] | None) -> DeploymentStatus:
 
 
 def _state_of(app: dict[str, Any], dep: dict[str, Any], ready: int, wanted: int,
-              workers: tuple[str, ...]) -> tuple[str, str]:
+              workers: tuple[str, ...]) -> tuple[State, str]:
     """The deployment's state and its message: a scale under way reads "scaling", not degraded or ready."""
     app_status, dep_status = app.get("status", ""), dep.get("status")
     message = reason_in(dep.get("message") or app.get("message") or "")
@@ -48,18 +48,18 @@ def _state_of(app: dict[str, Any], dep: dict[str, Any], ready: int, wanted: int,
     starting = dep_status != "UNHEALTHY" and any(w in ("starting", "updating", "recovering", "pending_allocation")
                                                  for w in workers)
     if app_status == "DEPLOY_FAILED":
-        return "failed", message
+        return State.FAILED, message
     if app_status == "DELETING":
-        return "stopped", message
+        return State.STOPPED, message
     if app_status == "DEPLOYING" and dep_status not in ("UPSCALING", "DOWNSCALING", "HEALTHY"):
-        return "deploying", message
+        return State.DEPLOYING, message
     if dep_status != "UNHEALTHY" and ready < wanted and (dep_status == "UPSCALING" or starting):
-        return "scaling", f"scaling up to {_workers(wanted)}"
+        return State.SCALING, f"scaling up to {_workers(wanted)}"
     if dep_status != "UNHEALTHY" and (ready > wanted or dep_status == "DOWNSCALING" or "stopping" in workers):
-        return "scaling", f"scaling down to {_workers(wanted)}"
+        return State.SCALING, f"scaling down to {_workers(wanted)}"
     if ready >= wanted and app_status in ("RUNNING", "DEPLOYING"):
-        return "ready", message
-    return "degraded", message
+        return State.READY, message
+    return State.DEGRADED, message
 
 
 def _workers(count: int) -> str:

@@ -12,11 +12,11 @@ import time
 from typing import Any, AsyncIterator
 
 from . import metrics
-from .backends.base import Backend, Delta, Embeddings, GenParams, Messages
-from .errors import FieldError
+from ..backends.base import Backend, Delta, Embeddings, GenParams, Messages
+from ..errors import FieldError
 from .metrics import RequestLog
 from .request_fields import bad_token, refusal
-from .spec import DeploySpec
+from ..spec.deploy_spec import DeploySpec
 
 WORKER_NAME = "ByzerWorker"
 PRELOAD_ENV = "BYZER_MAGIC_PRELOAD"
