@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from byzer_magic.serving import chat
 
-from byzer_magic import deploy  # noqa: E402
+from byzer_magic.serving import deploy  # noqa: E402
 from byzer_magic.serving.cluster import connect  # noqa: E402
 from byzer_magic.spec.deploy_spec import parse_args  # noqa: E402
 from byzer_magic.tinymodel import build  # noqa: E402

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_core import spec, tiny_server  # noqa: E402
 
-from byzer_magic import deploy  # noqa: E402
+from byzer_magic.serving import deploy  # noqa: E402
 from byzer_magic.frontends.widgets import StatusCard  # noqa: E402
 
 

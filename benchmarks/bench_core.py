@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from byzer_magic.serving import chat
 
-from byzer_magic import deploy  # noqa: E402
+from byzer_magic.serving import deploy  # noqa: E402
 from byzer_magic.backends.base import GenParams  # noqa: E402
 from byzer_magic.serving.cluster import connect  # noqa: E402
 from byzer_magic.spec.deploy_spec import parse_spec  # noqa: E402

@@ -30,7 +30,7 @@ from benchmarks.bench_core import (  # noqa: E402
     MESSAGES, _deployed_once, _direct_once, load, pct, spec, tiny_server,
 )
 from byzer_magic.serving import chat, deploy
-from byzer_magic import gateway  # noqa: E402
+from byzer_magic.openai import gateway  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 

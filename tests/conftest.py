@@ -306,7 +306,7 @@ def _start_node(layout: dict, head: str | None, temp_dir: str | None = None, por
 
 def node_count(address: str, verbose: bool = False):
     """Alive nodes, asked of the cluster by a short driver process (pytest's own is joined to `ray_head`)."""
-    code = ("import ray, sys; from byzer_magic import raydoor; raydoor.use_token_if_present(); "
+    code = ("import ray, sys; from byzer_magic.serving import raydoor; raydoor.use_token_if_present(); "
             "ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); print(len([n for n in ray.nodes() if n['Alive']]))")
     done = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=120)
     if verbose:

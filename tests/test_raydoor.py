@@ -55,7 +55,7 @@ def test_a_driver_that_imported_ray_first_is_stopped_without_a_stack_dump(ray_he
     """Ray reads its signal-handler switch at import: a notebook's own `import ray` came before byzer_magic's."""
     code = f"""
         import ray, sys
-        from byzer_magic.cluster import connect
+        from byzer_magic.serving.cluster import connect
         connect("{ray_head.address}")
         print("UP", flush=True)
         sys.stdin.readline()

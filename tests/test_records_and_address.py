@@ -111,7 +111,7 @@ def test_an_address_nobody_answers_fails_in_seconds_naming_where_it_came_from(tm
 
 
 def test_rays_refusal_of_a_driver_is_one_paragraph_without_the_servers_traceback():
-    from byzer_magic.cluster import _one_paragraph
+    from byzer_magic.serving.cluster import _one_paragraph
 
     served = RuntimeError("Initialization failure from server:\nTraceback (most recent call last):\n  File \"x.py\"\n"
                           "RuntimeError: Starting Ray client server failed. See ray_client_server_23000.err.")

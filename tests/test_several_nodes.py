@@ -59,7 +59,7 @@ class DriverError(Exception):
 @pytest.fixture(scope="module")
 def driver(three_nodes):
     found = Driver(three_nodes.address)
-    found("import threading, time\nfrom byzer_magic import placement\n"
+    found("import threading, time\nfrom byzer_magic.serving import placement\n"
           "b2 = next(n['NodeID'] for n in placement.alive_nodes() if 'accel_x' in n['Resources'])")
     yield found
     found.close()
