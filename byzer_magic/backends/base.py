@@ -125,6 +125,16 @@ class GenParams:
         }
         return dataclasses.replace(self, **found)
 
+    def sampling(self) -> dict[str, Any]:
+        """The sampling fields this chat set, as OpenAI's API and llama-cpp-python both name them."""
+        found: dict[str, Any] = {name: getattr(self, name) for name in ("temperature", "top_p", "max_tokens", "seed")
+                                 if getattr(self, name) is not None}
+        if self.stop:
+            found["stop"] = list(self.stop)
+        found.update({name: getattr(self, name) for name in ("presence_penalty", "frequency_penalty")
+                      if getattr(self, name)})
+        return found
+
 
 @dataclass(frozen=True)
 class Capabilities:
@@ -146,6 +156,10 @@ class Capabilities:
     provider_fields: bool = False
     """Passes GenParams.provider_fields on to the provider as given (SaaS)."""
     ignore_eos: bool = False
+
+
+OPENAI_SAMPLING = Capabilities(tools=True, structured_output=True, seed=True, penalties=True, logit_bias=True)
+"""What an engine with OpenAI's sampling, tool calls and grammars honours: llama.cpp and vLLM do; SaaS passes it on."""
 
 
 def context_exceeded(deployment: str, prompt_tokens: int, limit: int, chat: bool = True) -> FieldError:

@@ -17,7 +17,7 @@ from pydantic import Field
 
 from ..errors import BackendError, SpecError
 from . import base
-from .base import BackendSettings, Capabilities, Context, Delta, GenParams, Messages, context_exceeded
+from .base import OPENAI_SAMPLING, BackendSettings, Context, Delta, GenParams, Messages, context_exceeded
 
 
 class Settings(BackendSettings):
@@ -112,13 +112,7 @@ class Backend(base.Backend):
     library = "llama_cpp"
     extra = "llama-cpp"
     model_path_help = "the .gguf file to load"
-    capabilities = Capabilities(
-        tools=True,
-        structured_output=True,
-        seed=True,
-        penalties=True,
-        logit_bias=True,
-    )
+    capabilities = OPENAI_SAMPLING
 
     def __init__(self, settings: Settings, context: Context):
         super().__init__(settings, context)
@@ -165,22 +159,9 @@ class Backend(base.Backend):
 
     def _request(self, gen: GenParams) -> dict[str, Any]:
         gen = gen.over(self._settings)
-        kwargs: dict[str, Any] = {"stream": True}
-        if gen.temperature is not None:
-            kwargs["temperature"] = gen.temperature
-            if gen.temperature == 0:
-                kwargs["top_k"] = 1
-        if gen.max_tokens is not None:
-            kwargs["max_tokens"] = gen.max_tokens
-        if gen.top_p is not None:
-            kwargs["top_p"] = gen.top_p
-        if gen.seed is not None:
-            kwargs["seed"] = gen.seed
-        if gen.stop:
-            kwargs["stop"] = list(gen.stop)
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(gen, name):
-                kwargs[name] = getattr(gen, name)
+        kwargs: dict[str, Any] = {"stream": True, **gen.sampling()}
+        if gen.temperature == 0:
+            kwargs["top_k"] = 1
         return kwargs
 
     def chat(self, messages: Messages, gen: GenParams) -> AsyncIterator[Delta]:

@@ -8,6 +8,7 @@ maps failures onto a BackendError the notebook can show.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import difflib
 import os
 from typing import Any, AsyncIterator
@@ -16,7 +17,7 @@ from pydantic import Field, SecretStr
 
 from ..errors import BackendError, SpecError, redact
 from . import base
-from .base import BackendSettings, Capabilities, Context, Delta, GenParams, Messages
+from .base import OPENAI_SAMPLING, BackendSettings, Context, Delta, GenParams, Messages
 from .providers import PROVIDER_BASE_URLS
 from ..serving.request_fields import forwarded
 
@@ -90,14 +91,7 @@ class Backend(base.Backend):
     model_type_prefix = "saas/"
     model_path_help = None
     no_model_path_why = "the endpoint holds the model"
-    capabilities = Capabilities(
-        tools=True,
-        structured_output=True,
-        seed=True,
-        penalties=True,
-        logit_bias=True,
-        provider_fields=True,
-    )
+    capabilities = dataclasses.replace(OPENAI_SAMPLING, provider_fields=True)
 
     def __init__(self, settings: Settings, context: Context):
         super().__init__(settings, context)
@@ -153,17 +147,8 @@ class Backend(base.Backend):
     def _request(self, gen: GenParams) -> dict[str, Any]:
         """The call's settings: per-chat values first, then the deployment's defaults."""
         gen = gen.over(self._settings)
-        kwargs: dict[str, Any] = {"model": self._settings.model, "stream": True, "stream_options": {"include_usage": True}}
-        for name in ("temperature", "top_p", "max_tokens"):
-            if getattr(gen, name) is not None:
-                kwargs[name] = getattr(gen, name)
-        if gen.seed is not None:
-            kwargs["seed"] = gen.seed
-        if gen.stop:
-            kwargs["stop"] = list(gen.stop)
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(gen, name):
-                kwargs[name] = getattr(gen, name)
+        kwargs: dict[str, Any] = {"model": self._settings.model, "stream": True, "stream_options": {"include_usage": True},
+                                  **gen.sampling()}
         if gen.logit_bias:
             kwargs["logit_bias"] = {str(token): bias for token, bias in gen.logit_bias.items()}
         kwargs.update(forwarded(gen))

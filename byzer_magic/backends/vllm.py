@@ -21,7 +21,7 @@ from pydantic import ConfigDict, Field
 
 from ..errors import BackendError, SpecError
 from . import base
-from .base import BackendSettings, Capabilities, Context, Delta, GenParams, GpuRule, Messages
+from .base import OPENAI_SAMPLING, BackendSettings, Context, Delta, GenParams, GpuRule, Messages
 
 
 @functools.cache
@@ -175,14 +175,7 @@ class Backend(base.Backend):
     library = "vllm"
     extra = "vllm"
     gpu_rule = GpuRule(whole_above_one=True)
-    capabilities = Capabilities(
-        tools=True,
-        structured_output=True,
-        seed=True,
-        penalties=True,
-        logit_bias=True,
-        ignore_eos=True,
-    )
+    capabilities = dataclasses.replace(OPENAI_SAMPLING, ignore_eos=True)
 
     def __init__(self, settings: Settings, context: Context):
         super().__init__(settings, context)
