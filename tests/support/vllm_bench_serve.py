@@ -23,6 +23,7 @@ def main() -> None:
         add_cli_args(parser)
         result = bench(parser.parse_args([*argv, "--max-concurrency", level]))
         scalars = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
+        scalars["first_error"] = next((str(e)[-500:] for e in result.get("errors") or () if e), "")
         print("RESULT " + json.dumps({"concurrency": int(level), **scalars}), flush=True)
 
 
