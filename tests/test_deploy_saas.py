@@ -195,6 +195,31 @@ def test_undeploy_removes_every_actor_and_the_name(ray_head, clean_server):
         deploy.undeploy("gone_soon")
 
 
+def test_two_deploys_of_one_name_at_once_leave_exactly_one(ray_head, clean_server):
+    """Two cells deploying one name together: one deploys, the other is refused in one sentence, and the refused
+    one's clean-up does not delete what the first started."""
+    results: list[tuple[str, str]] = []
+
+    def one() -> None:
+        try:
+            results.append(("ok", deploy.deploy(saas_spec(clean_server, "twice", workers=1)).line()))
+        except DeployError as exc:
+            results.append(("refused", str(exc)))
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    try:
+        [t.start() for t in threads]
+        [t.join(120) for t in threads]
+        assert sorted(kind for kind, _ in results) == ["ok", "refused"], results
+        refused = next(text for kind, text in results if kind == "refused")
+        assert "another deploy of 'twice' is under way" in refused or "already exists" in refused, refused
+        assert "\n" not in refused
+        assert deploy.status("twice").line().startswith("twice: ready, 1/1 workers")
+        assert raydoor.kv_get("deploying/twice") is None, "the claim ends with its deploy"
+    finally:
+        deploy.undeploy("twice")
+
+
 def test_deploying_a_taken_name_says_so_and_force_replaces_it(deployed, clean_server):
     with pytest.raises(DeployError, match=f"%byzer_undeploy {deployed}"):
         deploy.deploy(saas_spec(clean_server, deployed, 1))

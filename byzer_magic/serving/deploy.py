@@ -5,12 +5,14 @@ so a restarted kernel sees and controls what an earlier one deployed.
 """
 from __future__ import annotations
 
+import json
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from . import metrics, placement, records, scaling
+from . import metrics, placement, raydoor, records, scaling
 from .raydoor import (
     app_status, deployed, deployment_options, pinned, serve_details, set_workers, setup_hook_env, start_app,
 )
@@ -25,6 +27,8 @@ from .worker import PRELOAD_ENV, WORKER_NAME, Worker
 Progress = Callable[[DeploymentStatus], None]
 _POLL_S = 0.05
 PROGRESS_S = 0.25
+_CLAIM_SLACK_S = 60.0
+"""How long past its own deadline a deploy's claim on a name outlives the deploy (a clean-up after a timeout)."""
 """How often a deploy with a progress callback reads the workers' states while Serve is still deploying."""
 
 
@@ -132,13 +136,19 @@ def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> Deployme
     any failure, timeout or interrupt the application is deleted again, so
     nothing is left half-deployed, and the worker's own reason is raised.
     """
-    from ray import serve
-
     preflight(spec)
     if spec.model_path:
         # Workers run in other directories: a path relative to the notebook must not reach them as is.
         spec = replace(spec, model_path=str(Path(spec.model_path).expanduser().resolve()))
     address = connect(spec.ray_address)
+    with _one_deploy_at_a_time(spec.name, spec.deploy_timeout):
+        return _deploy_claimed(spec, address, on_progress)
+
+
+def _deploy_claimed(spec: DeploySpec, address: str, on_progress: Progress | None) -> DeploymentStatus:
+    """`deploy` once this driver holds the name's claim."""
+    from ray import serve
+
     app = serve_details().get("applications", {}).get(spec.name)
     _refuse_foreign(spec.name, app)
     nodes = placement.hosts(spec.cpus_per_worker, spec.gpus_per_worker, spec.resources)
@@ -166,6 +176,29 @@ def deploy(spec: DeploySpec, *, on_progress: Progress | None = None) -> Deployme
         if isinstance(exc, DeployError):
             raise DeployError(redact(str(exc), spec.secrets())) from None
         raise
+
+
+@contextmanager
+def _one_deploy_at_a_time(name: str, timeout: float) -> Iterator[None]:
+    """Claim the name in the cluster's key-value store for the length of one deploy.
+
+    Two deploys of one name at once (two cells, a notebook and a shell) would
+    both find it free, and the one that failed would delete what the other
+    started: the second is refused instead. A claim left by a killed kernel
+    lapses once its deploy could no longer be running.
+    """
+    key = f"deploying/{name}"
+    until = time.time() + timeout + _CLAIM_SLACK_S
+    if not raydoor.kv_claim(key, json.dumps({"until": until})):
+        held = json.loads(raydoor.kv_get(key) or b"{}").get("until", 0)
+        if held > time.time():
+            raise DeployError(f"another deploy of {name!r} is under way (from another cell or process); wait for it "
+                              f"to finish, then chat with it or replace it with --force")
+        raydoor.kv_put(key, json.dumps({"until": until}))
+    try:
+        yield
+    finally:
+        raydoor.kv_del(key)
 
 
 def _refuse_foreign(name: str, app: dict[str, Any] | None) -> None:

@@ -317,6 +317,11 @@ def kv_put(key: str, value: str) -> None:
     _kv("put")(key, value, overwrite=True, namespace=KV_NAMESPACE)
 
 
+def kv_claim(key: str, value: str) -> bool:
+    """Store a value only where the key is free; whether this call stored it (one winner among all drivers)."""
+    return not _kv("put")(key, value, overwrite=False, namespace=KV_NAMESPACE)
+
+
 def kv_get(key: str | bytes) -> bytes | None:
     """A stored value, or None."""
     return _kv("get")(key, namespace=KV_NAMESPACE)
