@@ -178,6 +178,9 @@ def _join(target: str, kwargs: dict) -> None:
     """`ray.init` on a cluster's address, asking Ray Client's proxy twice."""
     import ray
 
+    if target.startswith("ray://"):
+        raydoor.quiet_ray_client()
+
     for attempt in (1, 2):
         try:
             ray.init(address=target, **kwargs)

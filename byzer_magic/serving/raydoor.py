@@ -157,6 +157,33 @@ def quiet_cluster_messages() -> None:
     module.print_to_stdstream = to_log
 
 
+def quiet_ray_client() -> None:
+    """Keep Ray Client's complaints about a reply to a call this driver gave up on out of stderr (a cell).
+
+    When such a reply arrives, Ray Client's data thread finds the call's
+    future cancelled, logs "Callback error" with a traceback, and on shutdown
+    dies with an uncaught InvalidStateError. Nothing was lost: the caller had
+    already stopped waiting. Both go to `CLUSTER_MESSAGES`.
+    """
+    import concurrent.futures
+    import threading
+
+    logging.getLogger("ray.util.client.dataclient").setLevel(logging.CRITICAL)
+    previous = threading.excepthook
+    if getattr(previous, "quiet", False):
+        return
+
+    def hook(args: Any) -> None:
+        thread = getattr(args.thread, "name", "") or ""
+        if thread.startswith("ray_client") and isinstance(args.exc_value, concurrent.futures.InvalidStateError):
+            CLUSTER_MESSAGES.info("Ray Client: %s", args.exc_value)
+            return
+        previous(args)
+
+    hook.quiet = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
 HEAD_NODE_RESOURCE = "node:__internal_head__"
 """The custom resource Ray gives the head node alone: where the OpenAI endpoint runs for a Ray Client driver."""
 
