@@ -125,8 +125,9 @@ def quiet_failure_signal_handler() -> None:
     if os.environ.get("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1") in ("0", "false", "False"):
         return
     os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "1"
-    _private("ray._private.ray_constants", "RAY_DISABLE_FAILURE_SIGNAL_HANDLER")  # one sentence if Ray moved it
-    importlib.import_module("ray._private.ray_constants").RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+    constants = importlib.import_module("ray._private.ray_constants")
+    if hasattr(constants, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"):  # Ray 2.48 has no such constant to set
+        constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
 
 
 CLUSTER_MESSAGES = logging.getLogger("byzer_magic.ray")
