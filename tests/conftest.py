@@ -248,8 +248,11 @@ class Nodes:
         hide = self.hidden if name == "b2" else None
         for _ in range(attempts):
             proc = self.procs[name] = _start_node(NODE_LAYOUT[name], self.address, hide=hide, log=self.log(name))
-            wait_until(lambda: proc.poll() is not None or node_count(self.address) == len(self.procs), 120,
-                       f"node {name}")
+            try:
+                wait_until(lambda: proc.poll() is not None or node_count(self.address) == len(self.procs), 120,
+                           f"node {name}")
+            except TimeoutError:
+                raise TimeoutError(f"node {name} not counted after 120 s: {self.why_not()}") from None
             if proc.poll() is None:
                 return
         raise TimeoutError(f"node {name} did not start in {attempts} tries: {self.why_not()}")
@@ -328,11 +331,7 @@ def three_nodes():
     try:
         wait_until(lambda: _answers(port), 60, "the head node")
         for name in ("b1", "b2"):
-            nodes.join(name)
-        try:
-            wait_until(lambda: node_count(address) == 3, 120, "three nodes")
-        except TimeoutError:
-            raise TimeoutError(f"three nodes not up after 120 s: {nodes.why_not()}") from None
+            nodes.join(name)  # waits until the cluster counts it: three nodes once b2 is in
         yield nodes
     finally:
         for proc in list(nodes.procs.values())[::-1]:

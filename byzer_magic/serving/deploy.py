@@ -188,13 +188,13 @@ def _one_deploy_at_a_time(name: str, timeout: float) -> Iterator[None]:
     lapses once its deploy could no longer be running.
     """
     key = f"deploying/{name}"
-    until = time.time() + timeout + _CLAIM_SLACK_S
-    if not raydoor.kv_claim(key, json.dumps({"until": until})):
+    claim = json.dumps({"until": time.time() + timeout + _CLAIM_SLACK_S})
+    if not raydoor.kv_claim(key, claim):
         held = json.loads(raydoor.kv_get(key) or b"{}").get("until", 0)
         if held > time.time():
             raise DeployError(f"another deploy of {name!r} is under way (from another cell or process); wait for it "
                               f"to finish, then chat with it or replace it with --force")
-        raydoor.kv_put(key, json.dumps({"until": until}))
+        raydoor.kv_put(key, claim)
     try:
         yield
     finally:
