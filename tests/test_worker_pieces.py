@@ -93,7 +93,9 @@ def test_gpu_workers_take_their_share_or_shard_over_whole_gpus():
     assert backend(0.5, gpu_memory_utilization=0.3).engine_args()["gpu_memory_utilization"] == 0.3
     whole = backend(1).engine_args()
     assert whole["gpu_memory_utilization"] == 0.9 and "kv_cache_memory_bytes" not in whole
-    assert backend(2).engine_args()["tensor_parallel_size"] == 2
+    sharded = backend(2).engine_args()
+    assert sharded["tensor_parallel_size"] == 2 and sharded["distributed_executor_backend"] == "mp"
+    assert backend(2, distributed_executor_backend="ray").engine_args()["distributed_executor_backend"] == "ray"
 
 
 ENGINE_LOG = """\

@@ -15,7 +15,14 @@ the next (run.sh runs them in order and merges):
                client, %byzer_scale to 0 and back, %byzer_undeploy, GPU memory
   vllm_serve   `vllm serve` on the same engine arguments, the load over HTTP
   ray_llm      Ray Serve LLM's build_openai_app on the same model, if it imports
-  merge        parts -> results.json
+  local        transformers (bf16 on cuda) and DeepSpeed without kernel injection
+               through the magics on a ~1B Llama shape written by the project's
+               generator: deploy, chat, %byzer_bench, undeploy, GPU memory
+  merge        parts -> results.json (keys another run measured are kept)
+  merge_tp2    parts of a two-GPU run -> results.json's "tp2"
+For two GPUs (run.sh with NUM_GPUS=2): `direct --engine tensor_parallel_size=2`,
+`magics --gpus 2` and `magics --gpus 1 --workers 2 --no-endpoint`, each with its
+own --tag so their parts do not overwrite one another.
 Each step writes DIR/STEP.json as soon as it has figures, so a run cut short
 still reports what it measured.
 """
@@ -158,14 +165,20 @@ def _cell(shell: Any, source: str) -> tuple[float, str]:
     return took, out
 
 
-def _gpu_memory_mib() -> int | None:
-    """GPU memory in use, from nvidia-smi; None on a machine without one (a CPU dry run)."""
+def _gpu_memory_each() -> list[int] | None:
+    """GPU memory in use on each GPU, from nvidia-smi; None on a machine without one (a CPU dry run)."""
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True).stdout
     except FileNotFoundError:
         return None
-    return int(out.split()[0]) if out.strip() else None
+    return [int(x) for x in out.split()] or None
+
+
+def _gpu_memory_mib() -> int | None:
+    """GPU memory in use on all GPUs together (one GPU: that one's)."""
+    each = _gpu_memory_each()
+    return sum(each) if each else None
 
 
 def run_magics(args: argparse.Namespace, parts: Parts) -> None:
@@ -176,12 +189,13 @@ def run_magics(args: argparse.Namespace, parts: Parts) -> None:
 
     shell = InteractiveShell.instance()
     _cell(shell, "%load_ext byzer_magic")
-    ready_s, seen = _cell(shell, _deploy_cell(NAME, args.model, args.gpus, args.engine))
-    parts.put(deploy_to_ready_s=round(ready_s, 2), deploy_cell_output=seen[-400:])
+    ready_s, seen = _cell(shell, _deploy_cell(NAME, args.model, args.gpus, args.engine, args.workers))
+    parts.put(deploy_to_ready_s=round(ready_s, 2), deploy_cell_output=seen[-400:], workers=args.workers,
+              gpus_per_worker=args.gpus)
     _, seen = _cell(shell, f"%byzer_chat {NAME} --max_tokens 16 --temperature 0 hello there")
     parts.put(chat_output=seen[-300:])
     _, seen = _cell(shell, f"%byzer_status {NAME}")
-    parts.put(status_output=seen[-600:], gpu_mib_deployed=_gpu_memory_mib())
+    parts.put(status_output=seen[-600:], gpu_mib_deployed=_gpu_memory_mib(), gpu_mib_each_deployed=_gpu_memory_each())
 
     prompts = prompt_of(args.prompt_tokens)
     gen = GenParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
@@ -195,7 +209,16 @@ def run_magics(args: argparse.Namespace, parts: Parts) -> None:
 
     for result in chat.run_on_client_loop(handle_levels(), timeout=1800):
         parts.put(**{f"deployment_level_{result['concurrency']}": result})
+    if args.endpoint:
+        _endpoint_levels(shell, args, parts, prompts)
+    if not os.environ.get("SKIP_WALK"):
+        _scale_walk(shell, parts)
+    _cell(shell, f"%byzer_undeploy {NAME}")
+    time.sleep(5)
+    parts.put(gpu_mib_after_undeploy=_gpu_memory_mib(), gpu_mib_each_after_undeploy=_gpu_memory_each())
 
+
+def _endpoint_levels(shell: Any, args: argparse.Namespace, parts: Parts, prompts: Callable[[int], str]) -> None:
     _cell(shell, "%byzer_serve --port 8011 --api_key bench-key")
     path, close = load.http_path("http://127.0.0.1:8011/v1", NAME, prompts, args.tokens, api_key="bench-key")
 
@@ -208,12 +231,7 @@ def run_magics(args: argparse.Namespace, parts: Parts) -> None:
     for result in asyncio.run(endpoint_levels()):
         parts.put(**{f"endpoint_level_{result['concurrency']}": result})
     parts.put(openai_client=_openai_chat("http://127.0.0.1:8011/v1", "bench-key"))
-    if not os.environ.get("SKIP_WALK"):
-        _scale_walk(shell, parts)
     _cell(shell, "%byzer_serve --stop")
-    _cell(shell, f"%byzer_undeploy {NAME}")
-    time.sleep(5)
-    parts.put(gpu_mib_after_undeploy=_gpu_memory_mib())
 
 
 def _openai_chat(base_url: str, key: str) -> str:
@@ -228,7 +246,8 @@ def _openai_chat(base_url: str, key: str) -> str:
 def _scale_walk(shell: Any, parts: Parts) -> None:
     took, seen = _cell(shell, f"%byzer_scale {NAME} 0")
     time.sleep(3)
-    parts.put(scale_to_0_s=round(took, 2), scale_to_0_output=seen[-300:], gpu_mib_at_0=_gpu_memory_mib())
+    parts.put(scale_to_0_s=round(took, 2), scale_to_0_output=seen[-300:], gpu_mib_at_0=_gpu_memory_mib(),
+              gpu_mib_each_at_0=_gpu_memory_each())
     took, seen = _cell(shell, f"%byzer_scale {NAME} 1")
     parts.put(scale_to_1_s=round(took, 2), scale_to_1_output=seen[-300:])
     _, seen = _cell(shell, f"%byzer_chat {NAME} --max_tokens 8 --temperature 0 back again")
@@ -309,10 +328,12 @@ def run_ray_llm(args: argparse.Namespace, parts: Parts) -> None:
     serve.shutdown()
 
 
-def _deploy_cell(name: str, model: str, gpus: str, engine: dict[str, Any]) -> str:
+def _deploy_cell(name: str, model: str, gpus: str, engine: dict[str, Any], workers: int = 1,
+                 backend: str = "vllm", model_type: str = "custom/auto") -> str:
     params = " ".join(f"backend.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in engine.items())
-    return (f"%%byzer_deploy\n--pretrained_model_type custom/auto --infer_backend vllm --model_path {model}\n"
-            f"--cpus_per_worker 1 --gpus_per_worker {gpus}\n--infer_params {params}\n--model {name}\n")
+    return (f"%%byzer_deploy\n--pretrained_model_type {model_type} --infer_backend {backend} --model_path {model}\n"
+            f"--num_workers {workers} --cpus_per_worker 1 --gpus_per_worker {gpus}\n--infer_params {params}\n"
+            f"--model {name}\n")
 
 
 def _mismatched_model(tiny: Path, out: Path) -> Path:
@@ -365,6 +386,81 @@ def run_checks(args: argparse.Namespace, parts: Parts) -> None:
     parts.put(checks_gpu_mib_end=_gpu_memory_mib())
 
 
+LOCAL_SHAPE = dict(hidden_size=2048, num_heads=16, num_kv_heads=16, num_layers=16, intermediate_size=5632)
+"""About 0.9B parameters: big enough that a GPU's speed shows, quick to write (f32, about 3.6 GB twice)."""
+
+
+def run_local(args: argparse.Namespace, parts: Parts) -> None:
+    """transformers and DeepSpeed on the GPU through the magics, one after the other, each given back."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from byzer_magic.tinymodel import TinyConfig, build
+
+    started = time.perf_counter()
+    shape = {} if args.tiny else LOCAL_SHAPE
+    model = build(Path(args.local_model), TinyConfig(**shape))
+    parts.put(local_model=shape, local_model_write_s=round(time.perf_counter() - started, 1))
+    shell = InteractiveShell.instance()
+    _cell(shell, "%load_ext byzer_magic")
+    for backend in ("transformers", "deepspeed"):
+        name = f"{backend}_gpu"
+        took, seen = _cell(shell, _deploy_cell(name, str(model.hf_dir), args.gpus, {"dtype": "bfloat16"},
+                                               backend=backend, model_type="llama2"))
+        found = {"deploy_to_ready_s": round(took, 1), "deploy_output": seen[-300:]}
+        found["chat"] = _cell(shell, f"%byzer_chat {name} --max_tokens 16 --temperature 0 hello there")[1][-200:]
+        found["gpu_mib_deployed"] = _gpu_memory_mib()
+        _cell(shell, f"%byzer_bench {name} --concurrency 1,2 --requests 8 --max_tokens 64 --prompt_tokens 128 "
+                     f"-o bench_rows")
+        rows = shell.user_ns.get("bench_rows")
+        found["bench"] = rows.to_dict(orient="records") if rows is not None else None
+        _cell(shell, f"%byzer_undeploy {name}")
+        time.sleep(3)
+        found["gpu_mib_after_undeploy"] = _gpu_memory_mib()
+        parts.put(**{backend: found})
+
+
+SECTIONS: dict[str, dict[str, tuple[str, str]]] = {
+    "tp2": {"vllm_direct_tp2": ("direct_tp2", "level_"), "deployment_tp2": ("magics_tp2", "deployment_level_"),
+            "endpoint_tp2": ("magics_tp2", "endpoint_level_"), "deployment_2x1": ("magics_2x1", "deployment_level_")},
+    "ray_serve_llm_run": {"vllm_direct": ("direct_1gpu", "level_"), "ray_serve_llm": ("ray_llm", "level_")},
+}
+"""Runs made apart from the one-GPU side by side: their levels, each compared with a baseline of the same run."""
+
+
+def _levels(parts: dict[str, dict[str, Any]], sources: dict[str, tuple[str, str]]) -> list[dict[str, Any]]:
+    concurrencies = sorted({int(k.rsplit("_", 1)[1]) for step, prefix in sources.values()
+                            for k in parts[step] if k.startswith(prefix) and k.rsplit("_", 1)[1].isdigit()})
+    rows = []
+    for c in concurrencies:
+        row: dict[str, Any] = {"concurrency": c}
+        for name, (step, prefix) in sources.items():
+            found = parts[step].get(f"{prefix}{c}")
+            row[f"{name}_tok_s"] = round(found["tok_s"], 1) if found else None
+            for q in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms"):
+                row[f"{name}_{q}"] = round(found[q], 1) if found else None
+        rows.append(row)
+    return rows
+
+
+def merge_section(folder: Path, out: Path, section: str) -> dict[str, Any]:
+    """One of SECTIONS into results.json, beside (not over) what the one-GPU side by side measured."""
+    sources = SECTIONS[section]
+    steps = {step for step, _ in sources.values()} | {"env"}
+    parts = {step: json.loads((folder / f"{step}.json").read_text()) if (folder / f"{step}.json").exists() else {}
+             for step in steps}
+    if not any(parts[step] for step in steps - {"env"}):
+        return {}
+    result = json.loads(out.read_text()) if out.exists() else {}
+    result[section] = {
+        **{k: parts["env"].get(k) for k in ("device", "vllm", "ray")},
+        "levels": _levels(parts, sources),
+        "steps": {step: {k: v for k, v in data.items() if "level_" not in k}
+                  for step, data in parts.items() if step != "env"},
+    }
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    return result[section]
+
+
 PREFIX = {"direct": "vllm_direct", "deployment": "deployment", "endpoint": "endpoint",
           "vllm_serve": "vllm_serve", "ray_llm": "ray_serve_llm"}
 
@@ -375,6 +471,8 @@ def merge(folder: Path, out: Path) -> dict[str, Any]:
         return json.loads(path.read_text()) if path.exists() else {}
 
     direct, magics, serve_, ray_llm = read("direct"), read("magics"), read("vllm_serve"), read("ray_llm")
+    if not (direct or magics):
+        return {}
     checks = read("checks")
     env = read("env")
     sources = {"direct": (direct, "level_"), "deployment": (magics, "deployment_level_"),
@@ -399,13 +497,22 @@ def merge(folder: Path, out: Path) -> dict[str, Any]:
         "magics": {k: v for k, v in magics.items() if not k.startswith(("deployment_level_", "endpoint_level_"))},
         "checks": checks,
     }
+    if out.exists():
+        kept = json.loads(out.read_text())
+        result.update({section: kept[section] for section in SECTIONS if section in kept})
     out.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["model", "direct", "magics", "checks", "vllm_serve", "ray_llm", "merge"])
+    parser.add_argument("step", choices=["model", "direct", "magics", "checks", "vllm_serve", "ray_llm", "local",
+                                         "merge", *(f"merge_{name}" for name in SECTIONS)])
+    parser.add_argument("--tag", default="", help="parts file name, when one step runs twice (direct_tp2)")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--no-endpoint", dest="endpoint", action="store_false",
+                        help="magics: measure the handle only")
+    parser.add_argument("--local_model", default="/tmp/llama1b")
     parser.add_argument("--parts", type=Path, default=Path("/tmp/bench_parts"))
     parser.add_argument("--model", default="/tmp/llama3_8b")
     parser.add_argument("--tiny", action="store_true", help="a tiny model, for a dry run on a CPU")
@@ -424,10 +531,14 @@ def main() -> None:
     if args.step == "merge":
         print(json.dumps(merge(args.parts, args.out), indent=1))
         return
-    parts = Parts(args.parts, args.step)
+    if args.step.startswith("merge_"):
+        print(json.dumps(merge_section(args.parts, args.out, args.step[len("merge_"):]), indent=1))
+        return
+    parts = Parts(args.parts, args.tag or args.step)
     try:
-        {"direct": run_direct, "magics": run_magics, "checks": run_checks, "vllm_serve": run_vllm_serve, "ray_llm": run_ray_llm}[args.step](
-            args, parts)
+        steps = {"direct": run_direct, "magics": run_magics, "checks": run_checks, "vllm_serve": run_vllm_serve,
+                 "ray_llm": run_ray_llm, "local": run_local}
+        steps[args.step](args, parts)
     except Exception as exc:  # noqa: BLE001 - a failed step reports and the run goes on
         parts.put(error=f"{type(exc).__name__}: {exc}")
         traceback.print_exc()

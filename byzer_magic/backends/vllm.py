@@ -219,6 +219,10 @@ class Backend(base.Backend):
         args = self._settings.model_dump(exclude_none=True, exclude=_NOT_ENGINE_ARGS)
         if self._gpus > 1:
             args.setdefault("tensor_parallel_size", int(self._gpus))
+            # Multiprocessing, never Ray's executor: the worker already holds its GPUs, and under Ray's executor
+            # vLLM's engine process (spawned, outside the replica's placement group when there is one) asks Ray for
+            # GPUs the replica holds, and waits for them forever. Its shards are local processes here either way.
+            args.setdefault("distributed_executor_backend", "mp")
         given = self._settings.model_fields_set | set(self._settings.model_extra or {})
         if 0 < self._gpus < 1 and "gpu_memory_utilization" not in given:
             args["gpu_memory_utilization"] = round(0.9 * self._gpus, 3)
