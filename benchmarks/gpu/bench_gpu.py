@@ -300,8 +300,17 @@ def run_vllm_serve(args: argparse.Namespace, parts: Parts) -> None:
         proc.wait(60)
 
 
+def _lists_model(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return NAME in resp.read().decode()
+    except OSError:
+        return False
+
+
 def run_ray_llm(args: argparse.Namespace, parts: Parts) -> None:
     try:
+        import ray
         from ray import serve
         from ray.serve.llm import LLMConfig, build_openai_app
     except Exception as exc:  # noqa: BLE001 - what failed is the finding
@@ -311,17 +320,14 @@ def run_ray_llm(args: argparse.Namespace, parts: Parts) -> None:
                        engine_kwargs=dict(args.engine),
                        deployment_config={"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
                        accelerator_type=None)
+    parts.put(ray=ray.__version__)
     serve.start(http_options={"host": "127.0.0.1", "port": 8013})
     started = time.perf_counter()
     serve.run(build_openai_app({"llm_configs": [config]}), blocking=False)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen("http://127.0.0.1:8013/v1/models", timeout=2) as resp:
-                if NAME in resp.read().decode():
-                    break
-        except OSError:
-            pass
+    deadline = time.monotonic() + 300
+    while not _lists_model("http://127.0.0.1:8013/v1/models"):
+        if time.monotonic() > deadline:
+            raise TimeoutError("Ray Serve LLM's /v1/models did not list the model in 300 s")
         time.sleep(0.5)
     parts.put(ready_s=round(time.perf_counter() - started, 2))
     _http_levels(args, parts, "http://127.0.0.1:8013/v1", NAME)
