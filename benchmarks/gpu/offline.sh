@@ -7,6 +7,7 @@
 #   offline.sh start PHASE...    unpack the carry, copy the repo to /tmp/repo, and start the phases one
 #                                after the other in the background; a phase is "LEVELS:STEP,STEP,..."
 #                                or "wait:FILE" (until a piece brought later is unpacked, 10 min at most)
+#   offline.sh build_llama       build llama-cpp-python with CUDA in the background (llama_gpu.sh)
 #   offline.sh overlay           unpack the Ray Serve LLM overlay (build_ray_llm_carry.sh's pieces q*)
 #   offline.sh wait SECONDS      until the run ends or SECONDS pass; its log and parts go to $OUT
 #
@@ -21,7 +22,7 @@ export PARTS=/tmp/bench_parts NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAS
 case "${1:-}" in
   gather)
     mkdir -p "$C"
-    for f in "$ROOT"/.carry/p? "$ROOT"/.carry/sha256.txt "$ROOT"/.carry/extra/* "$ROOT"/.carry/llama/* \
+    for f in "$ROOT"/.carry/p? "$ROOT"/.carry/sha256.txt "$ROOT"/.carry/extra/* "$ROOT"/.carry/llama/ship/* \
              "$ROOT"/.carry/rayllm/q? "$ROOT"/.carry/rayllm/*.sha256; do
       [ -f "$f" ] && cp -n "$f" "$C/"
     done
@@ -47,6 +48,13 @@ EOF
     rm -f /tmp/run.done
     setsid nohup bash /tmp/phases.sh > /tmp/run.log 2>&1 < /dev/null &
     echo "started: $*" ;;
+  build_llama)
+    # llama-cpp-python with CUDA, in the background from a copy of its own (start re-copies /tmp/repo),
+    # niced and on half the cores so that the measurements beside it keep theirs.
+    rm -rf /tmp/repo_build && mkdir -p /tmp/repo_build && (cd "$ROOT" && tar cf - --exclude=.carry .) | tar xf - -C /tmp/repo_build
+    SHIP=$C PARTS=$PARTS STEPS=build JOBS=${JOBS:-16} setsid nohup nice -n 15 \
+      bash /tmp/repo_build/benchmarks/gpu/llama_gpu.sh > /tmp/llama_build.out 2>&1 < /dev/null &
+    echo "llama build started" ;;
   overlay)
     (cd "$C" && cat q? | sha256sum -c rayllm.sha256) || exit 1
     mkdir -p /tmp/rl && cat "$C"/q? | xz -d -T0 | tar x -C /tmp/rl && touch /tmp/rl/ready && echo "overlay ready" ;;
@@ -56,6 +64,7 @@ EOF
     [ -f /tmp/run.done ] && echo "RUN DONE" || echo "still running"
     if [ -n "${OUT:-}" ]; then
       cp /tmp/run.log "$OUT/run.log" 2>/dev/null
+      cp /tmp/llama_build.out "$OUT/llama_build.out" 2>/dev/null
       tar czf "$OUT/parts.tgz" -C /tmp bench_parts 2>/dev/null
       cp /tmp/repo/benchmarks/gpu/results.json "$OUT/results.json" 2>/dev/null
     fi

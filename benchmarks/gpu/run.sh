@@ -63,7 +63,9 @@ for step in $STEPS; do
     direct_tp2) bench 420 direct --tag direct_tp2 --engine tensor_parallel_size=2 ;;
     magics_tp2) with_ray bench 560 magics --tag magics_tp2 --gpus 2 ;;
     magics_2x1) SKIP_WALK=1 with_ray bench 420 magics --tag magics_2x1 --gpus 1 --workers 2 --no-endpoint ;;
-    llama) timeout 900 bash "$HERE/llama_gpu.sh" "$PARTS"; echo "STEP llama rc=$?" ;;
+    # llama.cpp with CUDA, built beforehand (STEPS=build bash llama_gpu.sh), on the local step's model.
+    llama) PARTS="$PARTS" MODEL=/tmp/llama1b SITE="${CARRY%%:*}" STEPS="model gpu cpu" timeout 900 \
+             bash "$HERE/llama_gpu.sh"; echo "STEP llama rc=$?" ;;
   esac
 done
 for section in tp2 ray_serve_llm_run; do
