@@ -8,6 +8,7 @@ are plain functions of their inputs.
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import AsyncIterator
 
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from byzer_magic.backends import vllm as vllm_backend
 from byzer_magic.backends.base import Backend, BackendSettings, Context, Delta, GenParams
 from byzer_magic.serving.metrics import RequestLog
-from byzer_magic.serving.worker import STREAMS_PER_TOKEN, Worker
+from byzer_magic.serving.worker import STREAMS_PER_TOKEN, Worker, hide_gpus_unless_given
 
 PIECES = 40
 
@@ -106,6 +107,15 @@ INFO 11-25 19:20:01 [core.py:90] Initializing a V1 LLM engine
 (EngineCore_DP0 pid=881) ValueError: To serve at least one request with the model's max seq len (8192), (1.0 GiB KV cache is needed, which is larger than the available KV cache memory (0.17 GiB).
 RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}
 """
+
+
+def test_a_worker_given_no_gpu_sees_none_and_one_given_gpus_keeps_what_ray_set(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    hide_gpus_unless_given(1)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    hide_gpus_unless_given(0)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
 
 
 def test_the_engines_own_reason_is_read_from_the_log_it_wrote_since_the_start(tmp_path):

@@ -19,7 +19,9 @@ the next (run.sh runs them in order and merges):
                through the magics on a ~1B Llama shape written by the project's
                generator: deploy, chat, %byzer_bench, undeploy, GPU memory
   merge        parts -> results.json (keys another run measured are kept)
-  merge_tp2    parts of a two-GPU run -> results.json's "tp2"
+  merge_sections  the runs made apart from the one-GPU side by side (two GPUs, Ray Serve
+               LLM beside a baseline of its own run, transformers/DeepSpeed, llama.cpp) ->
+               their own keys of results.json
 For two GPUs (run.sh with NUM_GPUS=2): `direct --engine tensor_parallel_size=2`,
 `magics --gpus 2` and `magics --gpus 1 --workers 2 --no-endpoint`, each with its
 own --tag so their parts do not overwrite one another.
@@ -428,9 +430,12 @@ def run_local(args: argparse.Namespace, parts: Parts) -> None:
 SECTIONS: dict[str, dict[str, tuple[str, str]]] = {
     "tp2": {"vllm_direct_tp2": ("direct_tp2", "level_"), "deployment_tp2": ("magics_tp2", "deployment_level_"),
             "endpoint_tp2": ("magics_tp2", "endpoint_level_"), "deployment_2x1": ("magics_2x1", "deployment_level_")},
-    "ray_serve_llm_run": {"vllm_direct": ("direct_1gpu", "level_"), "ray_serve_llm": ("ray_llm", "level_")},
+    "ray_serve_llm_run": {"vllm_direct": ("direct_1gpu", "level_"), "deployment": ("magics", "deployment_level_"),
+                          "endpoint": ("magics", "endpoint_level_"), "ray_serve_llm": ("ray_llm", "level_")},
 }
 """Runs made apart from the one-GPU side by side: their levels, each compared with a baseline of the same run."""
+WHOLE = {"local": "local", "llama_cpp": "llama_results"}
+"""Steps whose parts go into results.json as they are: each compares within itself."""
 
 
 def _levels(parts: dict[str, dict[str, Any]], sources: dict[str, tuple[str, str]]) -> list[dict[str, Any]]:
@@ -448,8 +453,20 @@ def _levels(parts: dict[str, dict[str, Any]], sources: dict[str, tuple[str, str]
     return rows
 
 
+def merge_sections(folder: Path, out: Path) -> dict[str, Any]:
+    """SECTIONS and WHOLE into results.json, beside (not over) what the one-GPU side by side measured."""
+    merged = {section: merge_section(folder, out, section) for section in SECTIONS}
+    for key, step in WHOLE.items():
+        path = folder / f"{step}.json"
+        if path.exists():
+            result = json.loads(out.read_text()) if out.exists() else {}
+            result[key] = merged[key] = json.loads(path.read_text())
+            out.write_text(json.dumps(result, indent=1) + "\n")
+    return merged
+
+
 def merge_section(folder: Path, out: Path, section: str) -> dict[str, Any]:
-    """One of SECTIONS into results.json, beside (not over) what the one-GPU side by side measured."""
+    """One of SECTIONS into results.json, when its run left parts."""
     sources = SECTIONS[section]
     steps = {step for step, _ in sources.values()} | {"env"}
     parts = {step: json.loads((folder / f"{step}.json").read_text()) if (folder / f"{step}.json").exists() else {}
@@ -505,7 +522,7 @@ def merge(folder: Path, out: Path) -> dict[str, Any]:
     }
     if out.exists():
         kept = json.loads(out.read_text())
-        result.update({section: kept[section] for section in SECTIONS if section in kept})
+        result.update({key: kept[key] for key in [*SECTIONS, *WHOLE] if key in kept})
     out.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -513,7 +530,7 @@ def merge(folder: Path, out: Path) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("step", choices=["model", "direct", "magics", "checks", "vllm_serve", "ray_llm", "local",
-                                         "merge", *(f"merge_{name}" for name in SECTIONS)])
+                                         "merge", "merge_sections"])
     parser.add_argument("--tag", default="", help="parts file name, when one step runs twice (direct_tp2)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--no-endpoint", dest="endpoint", action="store_false",
@@ -537,8 +554,8 @@ def main() -> None:
     if args.step == "merge":
         print(json.dumps(merge(args.parts, args.out), indent=1))
         return
-    if args.step.startswith("merge_"):
-        print(json.dumps(merge_section(args.parts, args.out, args.step[len("merge_"):]), indent=1))
+    if args.step == "merge_sections":
+        print(json.dumps(merge_sections(args.parts, args.out), indent=1))
         return
     parts = Parts(args.parts, args.tag or args.step)
     try:

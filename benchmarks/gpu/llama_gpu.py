@@ -59,13 +59,17 @@ def _deploy_cell(name: str, gguf: Path, cpus: int, gpus: int, params: str) -> st
 
 
 def _which_llama() -> str:
-    """The llama_cpp this process imports (PYTHONPATH puts the CUDA build first) and whether it can offload."""
-    try:
-        import llama_cpp
+    """The llama_cpp workers import (PYTHONPATH puts the CUDA build first) and whether it can offload.
 
-        return f"{llama_cpp.__version__} gpu_offload={llama_cpp.llama_supports_gpu_offload()} {llama_cpp.__file__}"
-    except Exception as exc:  # noqa: BLE001 - what failed is the finding
-        return f"does not import: {type(exc).__name__}: {exc}"
+    Asked of a child process: loaded into this driver, the CUDA build's libraries and torch's (which
+    the magics import after it) abort the process with "free(): invalid pointer".
+    """
+    import subprocess
+
+    code = ("import llama_cpp; print(llama_cpp.__version__, 'gpu_offload=' + "
+            "str(llama_cpp.llama_supports_gpu_offload()), llama_cpp.__file__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return done.stdout.strip() or f"does not import: {done.stderr.strip()[-300:]}"
 
 
 def run_side(args: argparse.Namespace, parts: Parts, side: str) -> None:

@@ -68,7 +68,5 @@ for step in $STEPS; do
              bash "$HERE/llama_gpu.sh"; echo "STEP llama rc=$?" ;;
   esac
 done
-for section in tp2 ray_serve_llm_run; do
-  python3 "$HERE/bench_gpu.py" "merge_$section" --parts "$PARTS" --out "$OUT" > /dev/null
-done
+python3 "$HERE/bench_gpu.py" merge_sections --parts "$PARTS" --out "$OUT" > /dev/null
 python3 "$HERE/bench_gpu.py" merge --parts "$PARTS" --out "$OUT" > /dev/null && echo "RESULTS $OUT"
