@@ -123,6 +123,16 @@ class Parts:
         print(f"[{self.path.stem}] {json.dumps(values)[:600]}", flush=True)
 
 
+def reported(parts: Parts, step: Callable[[], None]) -> None:
+    """Run a step; its failure goes into its parts and ends the process with 1, and the run goes on."""
+    try:
+        step()
+    except Exception as exc:  # noqa: BLE001 - a failed step reports and the run goes on
+        parts.put(error=f"{type(exc).__name__}: {exc}")
+        traceback.print_exc()
+        raise SystemExit(1) from None
+
+
 def run_direct(args: argparse.Namespace, parts: Parts) -> None:
     import vllm
     from vllm import AsyncEngineArgs, SamplingParams
@@ -557,15 +567,10 @@ def main() -> None:
     if args.step == "merge_sections":
         print(json.dumps(merge_sections(args.parts, args.out), indent=1))
         return
+    steps = {"direct": run_direct, "magics": run_magics, "checks": run_checks, "vllm_serve": run_vllm_serve,
+             "ray_llm": run_ray_llm, "local": run_local}
     parts = Parts(args.parts, args.tag or args.step)
-    try:
-        steps = {"direct": run_direct, "magics": run_magics, "checks": run_checks, "vllm_serve": run_vllm_serve,
-                 "ray_llm": run_ray_llm, "local": run_local}
-        steps[args.step](args, parts)
-    except Exception as exc:  # noqa: BLE001 - a failed step reports and the run goes on
-        parts.put(error=f"{type(exc).__name__}: {exc}")
-        traceback.print_exc()
-        raise SystemExit(1)
+    reported(parts, lambda: steps[args.step](args, parts))
 
 
 if __name__ == "__main__":

@@ -15,13 +15,8 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 C="$ROOT/.carry"
 PINS="$HERE/pins.txt"
-PY312="${PY312:-}"
-if [ -z "$PY312" ]; then   # a pyenv shim named python3.12 may exist yet not run: try each
-  for c in /root/.pyenv/versions/3.12*/bin/python3.12 "$(command -v python3.12 || true)"; do
-    [ -n "$c" ] && "$c" --version >/dev/null 2>&1 && { PY312="$c"; break; }
-  done
-fi
-[ -n "$PY312" ] || { echo "no working python3.12" >&2; exit 1; }
+. "$HERE/common.sh"
+find_py312 || exit 1
 MAX_PIECE=$((62 * 1024 * 1024))   # each piece strictly under this
 mkdir -p "$C"
 grep -qx '/.carry/' "$ROOT/.git/info/exclude" 2>/dev/null || { mkdir -p "$ROOT/.git/info"; echo '/.carry/' >> "$ROOT/.git/info/exclude"; }

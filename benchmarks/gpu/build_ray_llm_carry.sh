@@ -37,13 +37,8 @@ ROOT="$(cd "$HERE/../.." && pwd)"
 # The main checkout (a worktree shares its git dir): the GPU run carries from there.
 MAIN="$(dirname "$(git -C "$ROOT" rev-parse --path-format=absolute --git-common-dir)")"
 C="${RAYLLM_CARRY:-$MAIN/.carry/rayllm}"
-PY312="${PY312:-}"
-if [ -z "$PY312" ]; then   # a pyenv shim named python3.12 may exist yet not run: try each
-  for c in /root/.pyenv/versions/3.12*/bin/python3.12 "$(command -v python3.12 || true)"; do
-    [ -n "$c" ] && "$c" --version >/dev/null 2>&1 && { PY312="$c"; break; }
-  done
-fi
-[ -n "$PY312" ] || { echo "no working python3.12" >&2; exit 1; }
+. "$HERE/common.sh"
+find_py312 || exit 1
 PINS="ray==2.57.0 jsonref==1.1.0"
 MAX_PIECE=62m
 mkdir -p "$C/wheels"

@@ -20,7 +20,6 @@ import json
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent.parent))
 
-from bench_gpu import LOCAL_SHAPE, Parts, _cell, _gpu_memory_mib  # noqa: E402
+from bench_gpu import LOCAL_SHAPE, Parts, _cell, _gpu_memory_mib, reported  # noqa: E402
 
 LEVELS = (1, 4)
 BENCH = "--requests 16 --max_tokens 64"
@@ -146,15 +145,7 @@ def main() -> None:
         print(json.dumps(merge(args.parts), indent=1))
         return
     parts = Parts(args.parts, args.step)
-    try:
-        if args.step == "model":
-            write_model(args, parts)
-        else:
-            run_side(args, parts, args.step)
-    except Exception as exc:  # noqa: BLE001 - a failed step reports and the run goes on
-        parts.put(error=f"{type(exc).__name__}: {exc}")
-        traceback.print_exc()
-        raise SystemExit(1)
+    reported(parts, lambda: write_model(args, parts) if args.step == "model" else run_side(args, parts, args.step))
 
 
 if __name__ == "__main__":

@@ -27,9 +27,7 @@ CPU_THREADS="${CPU_THREADS:-16}"
 STEPS="${STEPS:-build model gpu cpu}"
 RAY_TMP="${RAY_TMP:-/tmp/ray_lg$$}"
 RAY_PORT="${RAY_PORT:-6391}"
-# NVLink multicast must never be used on that shared host: set here, so every child (raylet, workers) has them.
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DO_NOT_TRACK=1 RAY_USAGE_STATS_ENABLED=0 \
-  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+. "$HERE/common.sh"
 mkdir -p "$PARTS"
 DRY=()
 if [ -n "${CPU_DRY_RUN:-}" ]; then

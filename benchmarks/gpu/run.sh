@@ -21,11 +21,7 @@ if [ -n "${CARRY:-}" ]; then
 else
   export PYTHONPATH="$ROOT"
 fi
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0 \
-  VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 RAY_USAGE_STATS_ENABLED=0 \
-  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 VLLM_ALLREDUCE_USE_SYMM_MEM=0
-# NVLink multicast stays off (a shared host's GPUs can be put out of service by it): NCCL's, PyTorch's and
-# NVSHMEM's switches, and vLLM's symmetric-memory all-reduce (multimem) is not even tried under tensor parallelism.
+. "$HERE/common.sh"
 mkdir -p "$PARTS"
 python3 - "$PARTS/env.json" "$MODEL" <<'EOF'
 import json, subprocess, sys
