@@ -26,8 +26,11 @@ mkdir -p "$PARTS"
 python3 - "$PARTS/env.json" "$MODEL" <<'EOF'
 import json, subprocess, sys
 import ray, vllm
-gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                     capture_output=True, text=True).stdout.strip()
+try:
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.strip()
+except FileNotFoundError:  # a CPU dry run
+    gpu = ""
 json.dump({"device": gpu or "no GPU", "model": "Llama-3-8B shape, random bf16 weights (load_format=dummy)",
            "vllm": vllm.__version__, "ray": ray.__version__}, open(sys.argv[1], "w"))
 print("ENV", gpu, "vllm", vllm.__version__, "ray", ray.__version__)
