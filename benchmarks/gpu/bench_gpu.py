@@ -448,7 +448,19 @@ WHOLE = {"local": "local", "llama_cpp": "llama_results"}
 """Steps whose parts go into results.json as they are: each compares within itself."""
 
 
+SIDE_BY_SIDE = {"vllm_direct": ("direct", "level_"), "deployment": ("magics", "deployment_level_"),
+                "endpoint": ("magics", "endpoint_level_"), "vllm_serve": ("vllm_serve", "level_"),
+                "ray_serve_llm": ("ray_llm", "level_")}
+"""The one-GPU side by side: results.json's own levels."""
+
+
+def _read(folder: Path, step: str) -> dict[str, Any]:
+    path = folder / f"{step}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def _levels(parts: dict[str, dict[str, Any]], sources: dict[str, tuple[str, str]]) -> list[dict[str, Any]]:
+    """One row per concurrency: each source's tokens/s and latencies, null where it has no such level."""
     concurrencies = sorted({int(k.rsplit("_", 1)[1]) for step, prefix in sources.values()
                             for k in parts[step] if k.startswith(prefix) and k.rsplit("_", 1)[1].isdigit()})
     rows = []
@@ -464,71 +476,39 @@ def _levels(parts: dict[str, dict[str, Any]], sources: dict[str, tuple[str, str]
 
 
 def merge_sections(folder: Path, out: Path) -> dict[str, Any]:
-    """SECTIONS and WHOLE into results.json, beside (not over) what the one-GPU side by side measured."""
-    merged = {section: merge_section(folder, out, section) for section in SECTIONS}
-    for key, step in WHOLE.items():
-        path = folder / f"{step}.json"
-        if path.exists():
-            result = json.loads(out.read_text()) if out.exists() else {}
-            result[key] = merged[key] = json.loads(path.read_text())
-            out.write_text(json.dumps(result, indent=1) + "\n")
+    """SECTIONS and WHOLE whose runs left parts into results.json, beside (not over) the one-GPU side by side."""
+    merged: dict[str, Any] = {}
+    for section, sources in SECTIONS.items():
+        parts = {step: _read(folder, step) for step in dict.fromkeys([*(step for step, _ in sources.values()), "env"])}
+        if any(data for step, data in parts.items() if step != "env"):
+            merged[section] = {
+                **{k: parts["env"].get(k) for k in ("device", "vllm", "ray")},
+                "levels": _levels(parts, sources),
+                "steps": {step: {k: v for k, v in data.items() if "level_" not in k}
+                          for step, data in parts.items() if step != "env"},
+            }
+    merged.update({key: data for key, step in WHOLE.items() if (data := _read(folder, step))})
+    if merged:
+        result = json.loads(out.read_text()) if out.exists() else {}
+        result.update(merged)
+        out.write_text(json.dumps(result, indent=1) + "\n")
     return merged
 
 
-def merge_section(folder: Path, out: Path, section: str) -> dict[str, Any]:
-    """One of SECTIONS into results.json, when its run left parts."""
-    sources = SECTIONS[section]
-    steps = {step for step, _ in sources.values()} | {"env"}
-    parts = {step: json.loads((folder / f"{step}.json").read_text()) if (folder / f"{step}.json").exists() else {}
-             for step in steps}
-    if not any(parts[step] for step in steps - {"env"}):
-        return {}
-    result = json.loads(out.read_text()) if out.exists() else {}
-    result[section] = {
-        **{k: parts["env"].get(k) for k in ("device", "vllm", "ray")},
-        "levels": _levels(parts, sources),
-        "steps": {step: {k: v for k, v in data.items() if "level_" not in k}
-                  for step, data in parts.items() if step != "env"},
-    }
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    return result[section]
-
-
-PREFIX = {"direct": "vllm_direct", "deployment": "deployment", "endpoint": "endpoint",
-          "vllm_serve": "vllm_serve", "ray_llm": "ray_serve_llm"}
-
-
 def merge(folder: Path, out: Path) -> dict[str, Any]:
-    def read(step: str) -> dict[str, Any]:
-        path = folder / f"{step}.json"
-        return json.loads(path.read_text()) if path.exists() else {}
-
-    direct, magics, serve_, ray_llm = read("direct"), read("magics"), read("vllm_serve"), read("ray_llm")
+    """The one-GPU side by side into results.json, keeping what SECTIONS and WHOLE hold there."""
+    parts = {step: _read(folder, step)
+             for step in dict.fromkeys([*(step for step, _ in SIDE_BY_SIDE.values()), "checks", "env"])}
+    direct, magics, env = parts["direct"], parts["magics"], parts["env"]
     if not (direct or magics):
         return {}
-    checks = read("checks")
-    env = read("env")
-    sources = {"direct": (direct, "level_"), "deployment": (magics, "deployment_level_"),
-               "endpoint": (magics, "endpoint_level_"), "vllm_serve": (serve_, "level_"),
-               "ray_llm": (ray_llm, "level_")}
-    concurrencies = sorted({int(k.rsplit("_", 1)[1]) for d, p in sources.values() for k in d if k.startswith(p)})
-    rows = []
-    for c in concurrencies:
-        row: dict[str, Any] = {"concurrency": c}
-        for key, (data, prefix) in sources.items():
-            found = data.get(f"{prefix}{c}")
-            name = PREFIX[key]
-            row[f"{name}_tok_s"] = round(found["tok_s"], 1) if found else None
-            for q in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms"):
-                row[f"{name}_{q}"] = round(found[q], 1) if found else None
-        rows.append(row)
     result = {
         "device": env.get("device"), "model": env.get("model"), "vllm": direct.get("vllm") or env.get("vllm"),
         "ray": env.get("ray"), "deploy_to_ready_s": magics.get("deploy_to_ready_s"),
-        "vllm_engine_start_s": direct.get("engine_start_s"), "vllm_serve_ready_s": serve_.get("ready_s"),
-        "ray_serve_llm_error": ray_llm.get("error"), "levels": rows,
+        "vllm_engine_start_s": direct.get("engine_start_s"), "vllm_serve_ready_s": parts["vllm_serve"].get("ready_s"),
+        "ray_serve_llm_error": parts["ray_llm"].get("error"), "levels": _levels(parts, SIDE_BY_SIDE),
         "magics": {k: v for k, v in magics.items() if not k.startswith(("deployment_level_", "endpoint_level_"))},
-        "checks": checks,
+        "checks": parts["checks"],
     }
     if out.exists():
         kept = json.loads(out.read_text())

@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent.parent))
 
-from bench_gpu import LOCAL_SHAPE, Parts, _cell, _gpu_memory_mib, reported  # noqa: E402
+from bench_gpu import LOCAL_SHAPE, Parts, _cell, _gpu_memory_mib, _read, reported  # noqa: E402
 
 LEVELS = (1, 4)
 BENCH = "--requests 16 --max_tokens 64"
@@ -105,11 +105,7 @@ def run_side(args: argparse.Namespace, parts: Parts, side: str) -> None:
 
 
 def merge(folder: Path) -> dict[str, Any]:
-    def read(step: str) -> dict[str, Any]:
-        path = folder / f"{step}.json"
-        return json.loads(path.read_text()) if path.exists() else {}
-
-    build, model, gpu, cpu = read("build"), read("model"), read("gpu"), read("cpu")
+    build, model, gpu, cpu = (_read(folder, step) for step in ("build", "model", "gpu", "cpu"))
     by_level = {side: {row["concurrency"]: row for row in data.get("bench") or [] if isinstance(row, dict)}
                 for side, data in (("gpu", gpu), ("cpu", cpu))}
     levels = []

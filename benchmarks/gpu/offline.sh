@@ -19,12 +19,18 @@ ROOT="$(cd "$HERE/../.." && pwd)"
 C=/tmp/c
 export PARTS=/tmp/bench_parts NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
+# A copy of the repo that runs from it: a later call's fresh copy of the tree must not change a script
+# bash is still reading.
+copy_repo() {
+  rm -rf "$1" && mkdir -p "$1" && (cd "$ROOT" && tar cf - --exclude=.carry .) | tar xf - -C "$1"
+}
+
 case "${1:-}" in
   gather)
     mkdir -p "$C"
     for f in "$ROOT"/.carry/p? "$ROOT"/.carry/sha256.txt "$ROOT"/.carry/extra/* "$ROOT"/.carry/llama/ship/* \
              "$ROOT"/.carry/rayllm/q? "$ROOT"/.carry/rayllm/*.sha256; do
-      [ -f "$f" ] && cp -n "$f" "$C/"
+      [ -f "$f" ] && [ ! -e "$C/${f##*/}" ] && cp "$f" "$C/"
     done
     ls -la "$C" ;;
   start)
@@ -34,7 +40,7 @@ case "${1:-}" in
     if ls "$C"/*.whl >/dev/null 2>&1; then
       python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/u/extra "$C"/*.whl || exit 1
     fi
-    rm -rf /tmp/repo && mkdir -p /tmp/repo && (cd "$ROOT" && tar cf - --exclude=.carry .) | tar xf - -C /tmp/repo
+    copy_repo /tmp/repo
     cat > /tmp/phases.sh <<EOF
 export CARRY=/tmp/u/site:/tmp/u/extra RAY_LLM_SITE=/tmp/rl/site
 for phase in $*; do
@@ -51,7 +57,7 @@ EOF
   build_llama)
     # llama-cpp-python with CUDA, in the background from a copy of its own (start re-copies /tmp/repo),
     # niced and on half the cores so that the measurements beside it keep theirs.
-    rm -rf /tmp/repo_build && mkdir -p /tmp/repo_build && (cd "$ROOT" && tar cf - --exclude=.carry .) | tar xf - -C /tmp/repo_build
+    copy_repo /tmp/repo_build
     SHIP=$C PARTS=$PARTS STEPS=build JOBS=${JOBS:-16} setsid nohup nice -n 15 \
       bash /tmp/repo_build/benchmarks/gpu/llama_gpu.sh > /tmp/llama_build.out 2>&1 < /dev/null &
     echo "llama build started" ;;
