@@ -155,25 +155,23 @@ def ray_head():
     cmd = ["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=4", "--num-gpus=0",
            f"--temp-dir={temp_dir}", "--disable-usage-stats", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={free_port()}", "--include-dashboard=true"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"127.0.0.1:{port}"
+    started: list[subprocess.Popen] = []
 
-    def up() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return True
-        except OSError:
-            return False
+    def start() -> subprocess.Popen:
+        started.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True))
+        return started[-1]
 
     try:
-        wait_until(up, 60, "ray head")
+        proc = start_until_counted(start, address, 1, "the session's ray head")
         os.environ["RAY_ADDRESS"] = address
         from byzer_magic.serving.cluster import connect
 
         connect(address)
         yield RayHead(address, proc, temp_dir)
     finally:
-        _stop_head(proc, temp_dir)
+        _stop_head(started[-1], temp_dir)
 
 
 def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
@@ -238,24 +236,16 @@ class Nodes:
         proc.wait(30)
 
     def join(self, name: str, attempts: int = 3) -> None:
-        """Start a node and wait until the cluster counts it; a node whose raylet died at start is started again.
-
-        Ray 2.60's raylet gives its dashboard agent a fixed 15 s to write its
-        port files and aborts otherwise; with several nodes starting at once on
-        2 busy cores an agent's imports took longer. Nodes join one at a time,
-        and a failed start is retried, as a user would rerun `ray start`.
-        """
+        """Start a node and wait until the cluster counts it (see `start_until_counted`); nodes join one at a time,
+        since several agents importing at once on 2 busy cores is what makes them miss Ray's wait."""
         hide = self.hidden if name == "b2" else None
-        for _ in range(attempts):
-            proc = self.procs[name] = _start_node(NODE_LAYOUT[name], self.address, hide=hide, log=self.log(name))
-            try:
-                wait_until(lambda: proc.poll() is not None or node_count(self.address) == len(self.procs), 120,
-                           f"node {name}")
-            except TimeoutError:
-                raise TimeoutError(f"node {name} not counted after 120 s: {self.why_not()}") from None
-            if proc.poll() is None:
-                return
-        raise TimeoutError(f"node {name} did not start in {attempts} tries: {self.why_not()}")
+        expected = len(self.procs) + 1
+
+        def start() -> subprocess.Popen:
+            self.procs[name] = _start_node(NODE_LAYOUT[name], self.address, hide=hide, log=self.log(name))
+            return self.procs[name]
+
+        start_until_counted(start, self.address, expected, f"node {name}", self.why_not, attempts)
 
     def log(self, name: str) -> Path:
         return Path(self.temp_dir) / f"node-{name}.log"
@@ -307,11 +297,40 @@ def _start_node(layout: dict, head: str | None, temp_dir: str | None = None, por
     return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
 
-def node_count(address: str, verbose: bool = False):
+def start_until_counted(start, address: str, nodes: int, what: str, why_not=None, attempts: int = 3,
+                        timeout: float = 120) -> subprocess.Popen:
+    """Run `start` (a `ray start --block`) until the cluster at `address` counts `nodes` alive nodes.
+
+    Ray 2.60's raylet gives its dashboard agent a fixed 15 s to write its port
+    files and aborts otherwise, and `ray start --block` then stops the node's
+    every process (a head's GCS and Ray Client server too). On a busy 2-core
+    machine an agent's imports can take longer: CI saw a head's raylet die
+    this way 27 s after its ports first answered. So a node counts as up only
+    once the cluster counts it, and a start whose process exited is run again,
+    as a user would rerun `ray start`.
+    """
+    gcs_port = int(address.rsplit(":", 1)[1])
+    for _ in range(attempts):
+        proc, deadline = start(), time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            if _answers(gcs_port) and node_count(address, timeout=60) == nodes:
+                return proc
+            time.sleep(0.5)
+        if proc.poll() is None:
+            detail = why_not() if why_not else node_count(address, verbose=True)
+            raise TimeoutError(f"{what} not counted after {timeout} s: {detail}")
+    detail = why_not() if why_not else node_count(address, verbose=True)
+    raise TimeoutError(f"{what} did not start in {attempts} tries: {detail}")
+
+
+def node_count(address: str, verbose: bool = False, timeout: float = 120):
     """Alive nodes, asked of the cluster by a short driver process (pytest's own is joined to `ray_head`)."""
     code = ("import ray, sys; from byzer_magic.serving import raydoor; raydoor.use_token_if_present(); "
             "ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); print(len([n for n in ray.nodes() if n['Alive']]))")
-    done = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=120)
+    try:
+        done = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"a driver did not join in {timeout} s" if verbose else -1
     if verbose:
         return f"exit {done.returncode}: {(done.stdout + done.stderr)[-800:]}"
     return int(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 and done.stdout.strip() else -1
@@ -324,12 +343,16 @@ def three_nodes():
     temp_dir = tempfile.mkdtemp(prefix="bzn", dir="/tmp")
     address = f"127.0.0.1:{port}"
     nodes = Nodes(address, temp_dir, {})
-    nodes.procs["head"] = _start_node(NODE_LAYOUT["head"], None, temp_dir, port, log=nodes.log("head"))
     hidden = Path(tempfile.mkdtemp(prefix="bzn-hidden", dir="/tmp"))
     if _can_unshare(hidden):
         nodes.hidden = hidden
+
+    def start_head() -> subprocess.Popen:
+        nodes.procs["head"] = _start_node(NODE_LAYOUT["head"], None, temp_dir, port, log=nodes.log("head"))
+        return nodes.procs["head"]
+
     try:
-        wait_until(lambda: _answers(port), 60, "the head node")
+        start_until_counted(start_head, address, 1, "the head node", nodes.why_not)
         for name in ("b1", "b2"):
             nodes.join(name)  # waits until the cluster counts it: three nodes once b2 is in
         yield nodes

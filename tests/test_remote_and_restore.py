@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import RAY_NOISE, ROOT, _answers, free_port, wait_until
+from .conftest import RAY_NOISE, ROOT, _answers, free_port, start_until_counted, wait_until
 
 LITERAL = "sk-literal-7d1c9e5a30b24f68"
 KEYED = "sk-keyed-41f0b8d2c6e97a35"
@@ -49,8 +49,14 @@ class Head:
         cmd = ["ray", "start", "--head", "--block", f"--port={self.port}", f"--ray-client-server-port={self.client_port}",
                "--num-cpus=4", "--num-gpus=0", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
                "--include-dashboard=false", *ports]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_until(lambda: _answers(self.port) and _answers(self.client_port), 90, "the module's ray head")
+
+        def start() -> subprocess.Popen:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         start_new_session=True)
+            return self.proc
+
+        start_until_counted(start, self.address, 1, "the module's ray head")
+        wait_until(lambda: _answers(self.client_port), 90, "the module's Ray Client server")
 
     def stop(self) -> None:
         """The whole cluster goes: the head and everything it started."""
