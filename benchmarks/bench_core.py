@@ -188,6 +188,32 @@ def bare_serve_app_seconds(workers: int = 2) -> float:
     return took
 
 
+@contextlib.contextmanager
+def bare_handle() -> Iterator:
+    """A one-replica Serve app of an empty class with our workers' runtime env, and its handle: Serve's own floor."""
+    from ray import serve
+
+    from byzer_magic.serving.cluster import worker_runtime_env
+    from byzer_magic.serving.raydoor import serve_details, start_app
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0.001, "runtime_env": worker_runtime_env()})
+    class Floor:
+        async def ping(self) -> str:
+            return "1"
+
+        async def pieces(self):
+            yield "1"  # a one-token answer streams its text, then its end, as a worker's does
+            yield ""
+
+    start_app(Floor.bind(), "bench_floor")
+    while serve_details().get("applications", {}).get("bench_floor", {}).get("status") != "RUNNING":
+        time.sleep(0.05)
+    try:
+        yield serve.get_app_handle("bench_floor")
+    finally:
+        serve.delete("bench_floor")
+
+
 def bench_deploy(server, rounds: int = 5) -> None:
     times, first_answer, bare, app = [], [], [], []
     for i in range(rounds):
@@ -278,12 +304,18 @@ def bench_latency(server, n: int) -> None:
         deploy.undeploy("bench_latency")
 
 
-def _cell_rounds(server, name: str, n: int) -> dict[str, list[float]]:
+FLOOR_STREAM = "Serve alone: a streamed handle call to an empty replica, two pieces"
+FLOOR_WHOLE = "Serve alone: a handle call to an empty replica"
+
+
+def _cell_rounds(server, name: str, floor, n: int) -> dict[str, list[float]]:
     """A streamed `%%byzer_chat NAME -o r` cell, each stage under it, and the provider called directly, interleaved.
 
     The stages nest: the cell = its parsing + the sync stream printed (echo);
     echo = the async stream on the client loop + the hop to the caller's
     thread; the async stream = the provider + Serve's handle and the worker.
+    Serve's own floor, the same calls to an empty replica (no provider, no
+    worker), is what no path through a Serve replica can go under.
     """
     import io
     from contextlib import redirect_stdout
@@ -319,9 +351,22 @@ def _cell_rounds(server, name: str, n: int) -> dict[str, list[float]]:
     def whole() -> None:
         chat.chat(name, MESSAGES, SHORT)
 
+    async def floor_pieces() -> None:
+        async for _ in floor.options(stream=True).pieces.remote():
+            pass
+
+    def floor_stream() -> None:
+        chat.run_on_client_loop(floor_pieces())
+
+    async def floor_ping() -> None:
+        await floor.ping.remote()
+
+    def floor_whole() -> None:
+        chat.run_on_client_loop(floor_ping())
+
     stages = {"direct (sync openai client)": direct, "cell %%byzer_chat -o r": cell, "  parsing the cell": parse,
               "  echo (sync stream, printed)": echo, "  async stream on the client loop": astream,
-              "whole answer (chat.chat)": whole}
+              "whole answer (chat.chat)": whole, FLOOR_STREAM: floor_stream, FLOOR_WHOLE: floor_whole}
     out: dict[str, list[float]] = {label: [] for label in stages}
     for i in range(20 + n):
         for label, call in stages.items():
@@ -339,7 +384,8 @@ def bench_cell(server, n: int) -> None:
     server.control(delay=0, short_circuit=False)
     deploy.deploy(spec(server, "bench_cell", 1))
     try:
-        found = _cell_rounds(server, "bench_cell", n)
+        with bare_handle() as floor:
+            found = _cell_rounds(server, "bench_cell", floor, n)
     finally:
         deploy.undeploy("bench_cell")
     base = found.pop("direct (sync openai client)")
@@ -347,8 +393,8 @@ def bench_cell(server, n: int) -> None:
           f"streaming from the provider directly (median {statistics.median(base) * 1e3:.2f} ms):")
     for label, times in found.items():
         median = statistics.median(times) * 1e3
-        if label.strip() == "parsing the cell":
-            print(f"  {label}: {median:.2f} ms")
+        if label.strip() == "parsing the cell" or label in (FLOOR_STREAM, FLOOR_WHOLE):
+            print(f"  {label}: {median:.2f} ms (p99 {pct(times, 0.99) * 1e3:.2f} ms)")
             continue
         goal = " (goal <= 2 ms)" if label.startswith(("cell", "whole")) else ""
         print(f"  {label}: +{median - statistics.median(base) * 1e3:.2f} ms over direct{goal} "

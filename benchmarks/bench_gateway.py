@@ -3,9 +3,11 @@
     python benchmarks/bench_gateway.py [--requests 500] [--clients 64]
 
 1. latency of a short streamed chat (1 token) through the endpoint with the
-   openai client, beside the same chat through the deployment's Serve handle
-   and beside the openai client calling the llama.cpp server directly
-   (median and p99, interleaved so noise hits all three);
+   openai client, beside the same chat through the deployment's Serve handle,
+   beside the openai client calling the llama.cpp server directly, and beside
+   the openai client calling a server that answers a canned stream at once
+   (HTTP and SSE alone: the endpoint's floor over the handle) (median and
+   p99, interleaved so noise hits all four);
 2. requests per second with N concurrent streaming clients against a fast
    backend (the server answers a canned stream), through the endpoint and
    through handles, on a 4-worker deployment that takes 16 at once per worker,
@@ -31,7 +33,8 @@ from benchmarks.bench_core import (  # noqa: E402
 )
 from byzer_magic.serving import chat, deploy
 from byzer_magic.openai import gateway  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+from byzer_magic.tinymodel import build  # noqa: E402
+from tests.conftest import free_port, start_openai_server  # noqa: E402
 
 
 async def _endpoint_once(client, name: str) -> float:
@@ -42,19 +45,22 @@ async def _endpoint_once(client, name: str) -> float:
     return time.perf_counter() - start
 
 
-async def _latency(server, url: str, name: str, n: int) -> dict[str, list[float]]:
+async def _latency(server, canned, url: str, name: str, n: int) -> dict[str, list[float]]:
+    """Each call kind in turn, so noise hits all; `canned` answers at once, so calling it costs HTTP and SSE alone."""
     import openai
 
-    direct_client = openai.AsyncOpenAI(base_url=server.base_url, api_key="bench", max_retries=0)
-    endpoint_client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0)
-    out: dict[str, list[float]] = {"direct": [], "handle": [], "endpoint": []}
+    clients = [openai.AsyncOpenAI(base_url=base, api_key="bench", max_retries=0)
+               for base in (server.base_url, url, canned.base_url)]
+    direct_client, endpoint_client, canned_client = clients
+    out: dict[str, list[float]] = {"direct": [], "handle": [], "endpoint": [], "http": []}
     for i in range(20 + n):
-        times = (await _direct_once(direct_client), await _deployed_once(name), await _endpoint_once(endpoint_client, name))
+        times = (await _direct_once(direct_client), await _deployed_once(name),
+                 await _endpoint_once(endpoint_client, name), await _direct_once(canned_client))
         if i >= 20:
             for key, took in zip(out, times):
                 out[key].append(took)
-    await direct_client.close()
-    await endpoint_client.close()
+    for client in clients:
+        await client.close()
     return out
 
 
@@ -146,15 +152,22 @@ def main() -> None:
     with tiny_server() as server:
         up = gateway.start("127.0.0.1", port, "bench", processes=counts[-1])
         deploy.deploy(spec(server, "bench_gw", 1))
+        canned = start_openai_server(build(ROOT / ".cache" / "tinymodel").gguf)
+        canned.control(short_circuit=True)
         try:
-            found = chat.run_on_client_loop(_latency(server, up.url, "bench_gw", args.requests))
+            found = chat.run_on_client_loop(_latency(server, canned, up.url, "bench_gw", args.requests))
         finally:
             deploy.undeploy("bench_gw")
+            canned.proc.terminate()
         print(f"latency, {args.requests} short streamed chats each (1 token), interleaved, "
               f"{counts[-1]} endpoint processes:")
         print(_line("endpoint over the Serve handle", found["endpoint"], found["handle"], " (goal <= 2 ms)"))
         print(_line("endpoint over the server called directly", found["endpoint"], found["direct"]))
         print(_line("handle over the server called directly", found["handle"], found["direct"]))
+        http = statistics.median(found["http"]) * 1e3
+        print(f"  HTTP and SSE alone, the openai client and a uvicorn server that answers at once (no Ray, no model): "
+              f"median {http:.2f} ms, p99 {pct(found['http'], 0.99) * 1e3:.2f} ms; the endpoint adds this hop to "
+              f"the handle's path, so this is its floor over the handle")
 
         server.control(short_circuit=True)
         deploy.deploy(spec(server, "bench_gw_load", 4, 16))
