@@ -5,6 +5,7 @@ so a restarted kernel sees and controls what an earlier one deployed.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from contextlib import contextmanager
@@ -189,16 +190,39 @@ def _one_deploy_at_a_time(name: str, timeout: float) -> Iterator[None]:
     """
     key = f"deploying/{name}"
     claim = json.dumps({"until": time.time() + timeout + _CLAIM_SLACK_S})
-    if not raydoor.kv_claim(key, claim):
-        held = json.loads(raydoor.kv_get(key) or b"{}").get("until", 0)
-        if held > time.time():
-            raise DeployError(f"another deploy of {name!r} is under way (from another cell or process); wait for it "
-                              f"to finish, then chat with it or replace it with --force")
-        raydoor.kv_put(key, claim)
+    held = _take_claim(key, claim, name)
     try:
         yield
     finally:
         raydoor.kv_del(key)
+        if held is not None:
+            raydoor.kv_del(held)
+
+
+def _take_claim(key: str, claim: str, name: str) -> str | None:
+    """Store `claim` under `key`, or take over a lapsed one; returns the takeover's own key, held until the deploy ends.
+
+    The store has put-if-absent but no compare-and-swap, so two drivers that
+    both find a lapsed claim could both overwrite it and both deploy. Each
+    lapsed claim gets a takeover key named for its value instead, and only
+    the one driver that stores that key first replaces it.
+    """
+    busy = DeployError(f"another deploy of {name!r} is under way (from another cell or process); wait for it to "
+                       f"finish, then chat with it or replace it with --force")
+    for _ in range(3):
+        if raydoor.kv_claim(key, claim):
+            return None
+        held = raydoor.kv_get(key)
+        if held is None:
+            continue  # its deploy ended between the two calls: the name is free again
+        if json.loads(held).get("until", 0) > time.time():
+            raise busy
+        takeover = f"{key}/lapsed/{hashlib.sha256(held).hexdigest()[:16]}"
+        if not raydoor.kv_claim(takeover, claim):
+            raise busy
+        raydoor.kv_put(key, claim)
+        return takeover
+    raise busy
 
 
 def _refuse_foreign(name: str, app: dict[str, Any] | None) -> None:
