@@ -10,6 +10,8 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from .conftest import RAY_NOISE, ROOT, alive_replicas, wait_until
 
 
@@ -74,11 +76,11 @@ def ray_head_running() -> bool:
 
 
 @contextlib.contextmanager
-def lone_kernel(code: str):
+def lone_kernel(code: str, env_extra: dict | None = None):
     """A kernel process that sees no cluster (no RAY_ADDRESS, an empty RAY_TMPDIR), removed afterwards."""
     ray_tmp = Path(tempfile.mkdtemp(prefix="bzk", dir="/tmp"))  # short: Ray's socket paths are limited
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_TMPDIR"] = str(ray_tmp)
+    env.update(env_extra or {}, RAY_TMPDIR=str(ray_tmp))
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     try:
@@ -155,3 +157,77 @@ def test_a_killed_kernel_takes_its_embedded_ray_along(clean_server):
         proc.kill()
         proc.wait(10)
         wait_all_gone(family, "every process of the killed kernel's Ray to exit")
+
+
+SLOW_AGENT = """
+import os, sys, time
+if any(arg.endswith(os.path.join("dashboard", "agent.py")) for arg in sys.argv):
+    for marker in {markers!r}:
+        if os.path.exists(marker):
+            os.remove(marker)
+            time.sleep(25)  # past the 15 s Ray 2.60's raylet waits for this agent's ports
+            break
+"""
+"""A sitecustomize that makes the node agent of the first starts slower than Ray's raylet waits, once per marker."""
+
+
+def slow_first_agents(folder: Path, how_many: int) -> dict[str, str]:
+    """The environment of a kernel whose first `how_many` node agents start too slowly, as on a busy machine."""
+    markers = [str(folder / f"slow{i}") for i in range(how_many)]
+    for marker in markers:
+        Path(marker).touch()
+    (folder / "sitecustomize.py").write_text(SLOW_AGENT.format(markers=markers))
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
+
+
+def test_a_kernel_whose_ray_did_not_come_up_starts_it_again_and_leaves_nothing_of_the_first(clean_server, tmp_path):
+    """The first embedded node's raylet aborts (its agent is late); the cell still deploys and answers, on one GCS."""
+    import psutil
+
+    with lone_kernel(f"""
+        import sys
+        from IPython.core.interactiveshell import InteractiveShell
+        ip = InteractiveShell.instance()
+        ip.run_line_magic("load_ext", "byzer_magic")
+        ip.run_cell('''%%byzer_deploy
+        --pretrained_model_type saas/openai --model second_start
+        --infer_params saas.api_key=k saas.model=tiny saas.base_url={clean_server.base_url}''')
+        ip.run_cell("%byzer_chat second_start -o reply --max_tokens 4 --temperature 0 hi")
+        print("REPLY=" + repr(ip.user_ns["reply"].text), flush=True)
+        sys.stdin.readline()
+    """, slow_first_agents(tmp_path, 1)) as proc:
+        reply = next((line for line in proc.stdout if line.startswith("REPLY=")), "")
+        assert reply.startswith("REPLY='") and reply.strip() != "REPLY=''", reply
+        assert not (tmp_path / "slow0").exists(), "the first start's agent was not the slow one"
+        family = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+        assert sum("gcs_server" in " ".join(p.cmdline()) for p in family) == 1, [p.cmdline()[:2] for p in family]
+        proc.stdin.close()
+        proc.wait(60)
+        noise = proc.stderr.read()
+        assert "Traceback" not in noise and not RAY_NOISE.search(noise), noise
+
+
+def test_a_local_ray_that_fails_to_start_twice_is_one_paragraph_and_other_failures_are_not_retried(monkeypatch):
+    """Ray's bare Exception, stood in for: the node's timeout is tried twice, any other failure once."""
+    import ray
+
+    from byzer_magic.serving import cluster
+
+    calls = []
+    reason = ("The current node timed out during startup. This could happen because some of the raylet failed to "
+              "startup or the GCS has become overloaded.")
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        raise Exception(reason)
+
+    monkeypatch.setattr(ray, "init", init)
+    with pytest.raises(RuntimeError) as twice:
+        cluster._start_embedded({})
+    assert len(calls) == 2 and "It failed twice" in str(twice.value) and "ray start --head" in str(twice.value)
+    assert "\n" not in str(twice.value)
+    calls.clear()
+    reason = "Not enough shared memory\nTraceback (most recent call last):\n  ...\nOSError: /dev/shm is full"
+    with pytest.raises(RuntimeError) as once:
+        cluster._start_embedded({})
+    assert len(calls) == 1 and "\n" not in str(once.value), str(once.value)

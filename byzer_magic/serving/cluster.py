@@ -142,7 +142,7 @@ def connect(address: str | None = None, *, embedded_ok: bool = True) -> str:
                     raydoor.use_token_if_present()
                     _join(target, kwargs)
                 else:
-                    ray.init(address="local", include_dashboard=False, **kwargs)
+                    _start_embedded(kwargs)
                     _embedded = True
                     _start_reaper()
             except (ConnectionError, RuntimeError, ValueError, OSError) as exc:
@@ -188,6 +188,36 @@ def _join(target: str, kwargs: dict) -> None:
         except (ConnectionError, RuntimeError) as exc:
             if attempt == 2 or not target.startswith("ray://") or _CLIENT_SERVER_FAILED not in str(exc):
                 raise
+
+
+def _start_embedded(kwargs: dict) -> None:
+    """`ray.init` of a Ray in this process, started once more when its node did not come up in time.
+
+    Ray 2.60's raylet aborts when the node's dashboard agent takes more than
+    15 s to start, which a busy 2-core machine can cause; `ray.init` then
+    fails after about 35 s and leaves what it started (the GCS, the
+    dashboard, the monitors) running under the kernel. What a failed start
+    left is ended either way, and this one failure is tried once more, as a
+    user would rerun the cell.
+    """
+    import psutil
+    import ray
+
+    from . import reaper
+
+    for attempt in (1, 2):
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        try:
+            ray.init(address="local", include_dashboard=False, **kwargs)
+            return
+        except Exception as exc:  # Ray raises a bare Exception when the node does not come up
+            reaper.end(p for p in psutil.Process().children(recursive=True) if p.pid not in before)
+            if not raydoor.node_start_timed_out(exc):
+                raise RuntimeError(_one_paragraph(exc)) from None
+            if attempt == 2:
+                raise RuntimeError(f"{_one_paragraph(exc)} It failed twice: on a busy machine Ray's node agents "
+                                   f"can start too slowly; start a cluster with `ray start --head` and run the "
+                                   f"cell again") from None
 
 
 def _start_reaper() -> None:

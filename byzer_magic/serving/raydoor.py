@@ -340,6 +340,15 @@ def _kv(name: str) -> Any:
     return _private("ray.experimental.internal_kv", f"_internal_kv_{name}")
 
 
+_NODE_START_TIMED_OUT = "timed out during startup"
+"""What `ray.init` says when the node it started never registered (Ray 2.48-2.60: a bare Exception)."""
+
+
+def node_start_timed_out(exc: BaseException) -> bool:
+    """Whether a local `ray.init` failed because its node's raylet never came up, which trying again can cure."""
+    return _NODE_START_TIMED_OUT in str(exc)
+
+
 def kv_put(key: str, value: str) -> None:
     """Store a value in the GCS key-value store, where any process on the cluster can read it."""
     _kv("put")(key, value, overwrite=True, namespace=KV_NAMESPACE)

@@ -38,7 +38,12 @@ def watch(kernel_pid: int) -> list[int]:
             break
         time.sleep(POLL_S)
     time.sleep(GRACE_S)
-    survivors = [p for p in family.values() if _alive(p)]
+    return end(family.values())
+
+
+def end(processes) -> list[int]:
+    """Terminate those of `processes` still alive, kill what is left after a grace period; returns their pids."""
+    survivors = [p for p in processes if _alive(p)]
     for process in survivors:
         try:
             process.terminate()
