@@ -71,22 +71,37 @@ def vllm_bench(endpoint, tiny_model, folder) -> dict[int, dict]:
     return {row["concurrency"]: row for row in rows}
 
 
+def our_bench() -> list[dict]:
+    """`byzer-magic bench` through the endpoint, in a process of its own as vLLM's client runs in its own.
+
+    The test process is a driver that has run every earlier test of the
+    session; measured from it, first tokens at 4 streams came 28-43 ms later
+    than vLLM's in two full runs and within 10% when the module ran alone.
+    """
+    cmd = ["byzer-magic", "bench", NAME, "--via", "endpoint", "--concurrency", LEVELS, "--requests", str(REQUESTS),
+           "--max_tokens", str(TOKENS), "--prompt_tokens", "32", "--format", "json"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
 def test_figures_agree_with_vllm_bench_serve_on_the_same_endpoint(paced, tiny_model, tmp_path):
     """Requests/s, output tokens/s and the p50 latencies within 10% of vLLM's, level by level."""
-    ours = bench.run(NAME, options(via="endpoint"), progress=False)
+    ours = our_bench()
     theirs = vllm_bench(paced, tiny_model, tmp_path)
-    print(ours.to_string(), json.dumps(theirs, indent=1))
-    for row in ours.itertuples():
-        other = theirs[row.concurrency]
-        assert row.errors == 0 and other["failed"] == 0, (row.first_error, other["first_error"])
-        assert row.mean_output_tokens == TOKENS and other["total_output_tokens"] == TOKENS * REQUESTS
-        pairs = {"requests/s": (row.requests_per_s, other["request_throughput"]),
-                 "output tokens/s": (row.output_tokens_per_s, other["output_throughput"]),
-                 "TTFT p50": (row.ttft_p50_ms, other["median_ttft_ms"]),
-                 "ITL p50": (row.itl_p50_ms, other["median_itl_ms"]),
-                 "end-to-end p50": (row.e2e_p50_ms, other["median_e2el_ms"])}
+    print(json.dumps(ours, indent=1), json.dumps(theirs, indent=1))
+    assert [row["concurrency"] for row in ours] == [int(level) for level in LEVELS.split(",")]
+    for row in ours:
+        other = theirs[row["concurrency"]]
+        assert row["errors"] == 0 and other["failed"] == 0, (row["first_error"], other["first_error"])
+        assert row["mean_output_tokens"] == TOKENS and other["total_output_tokens"] == TOKENS * REQUESTS
+        pairs = {"requests/s": (row["requests_per_s"], other["request_throughput"]),
+                 "output tokens/s": (row["output_tokens_per_s"], other["output_throughput"]),
+                 "TTFT p50": (row["ttft_p50_ms"], other["median_ttft_ms"]),
+                 "ITL p50": (row["itl_p50_ms"], other["median_itl_ms"]),
+                 "end-to-end p50": (row["e2e_p50_ms"], other["median_e2el_ms"])}
         for what, (mine, vllms) in pairs.items():
-            assert abs(mine - vllms) <= 0.10 * vllms, f"{what} at {row.concurrency}: ours {mine:.2f}, vLLM's {vllms:.2f}"
+            assert abs(mine - vllms) <= 0.10 * vllms, f"{what} at {row['concurrency']}: ours {mine:.2f}, vLLM's {vllms:.2f}"
 
 
 def test_the_magic_benches_through_the_handle_and_keeps_the_frame(paced, shell, capfd):
