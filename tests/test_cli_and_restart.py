@@ -96,22 +96,27 @@ def wait_all_gone(family: list, what: str) -> None:
     wait_until(lambda: not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], 60, what)
 
 
-def test_a_kernel_without_a_cluster_gets_an_embedded_ray_that_ends_with_it(clean_server):
-    """No RAY_ADDRESS and no cluster file: the kernel starts Ray itself, and takes it along when it exits."""
-    import psutil
-
-    with lone_kernel(f"""
+def deploy_and_chat(server, name: str) -> str:
+    """A kernel's code: deploy `name` on the SaaS `server`, chat once, print the reply, wait for stdin to close."""
+    return f"""
         import sys
         from IPython.core.interactiveshell import InteractiveShell
         ip = InteractiveShell.instance()
         ip.run_line_magic("load_ext", "byzer_magic")
         ip.run_cell('''%%byzer_deploy
-        --pretrained_model_type saas/openai --model embedded_chat
-        --infer_params saas.api_key=k saas.model=tiny saas.base_url={clean_server.base_url}''')
-        ip.run_cell("%byzer_chat embedded_chat -o reply --max_tokens 4 --temperature 0 hi")
+        --pretrained_model_type saas/openai --model {name}
+        --infer_params saas.api_key=k saas.model=tiny saas.base_url={server.base_url}''')
+        ip.run_cell("%byzer_chat {name} -o reply --max_tokens 4 --temperature 0 hi")
         print("REPLY=" + repr(ip.user_ns["reply"].text), flush=True)
         sys.stdin.readline()
-    """) as proc:
+    """
+
+
+def test_a_kernel_without_a_cluster_gets_an_embedded_ray_that_ends_with_it(clean_server):
+    """No RAY_ADDRESS and no cluster file: the kernel starts Ray itself, and takes it along when it exits."""
+    import psutil
+
+    with lone_kernel(deploy_and_chat(clean_server, "embedded_chat")) as proc:
         reply = next((line for line in proc.stdout if line.startswith("REPLY=")), "")
         assert reply.startswith("REPLY='") and reply.strip() != "REPLY=''", reply
         family = psutil.Process(proc.pid).children(recursive=True)
@@ -184,18 +189,7 @@ def test_a_kernel_whose_ray_did_not_come_up_starts_it_again_and_leaves_nothing_o
     """The first embedded node's raylet aborts (its agent is late); the cell still deploys and answers, on one GCS."""
     import psutil
 
-    with lone_kernel(f"""
-        import sys
-        from IPython.core.interactiveshell import InteractiveShell
-        ip = InteractiveShell.instance()
-        ip.run_line_magic("load_ext", "byzer_magic")
-        ip.run_cell('''%%byzer_deploy
-        --pretrained_model_type saas/openai --model second_start
-        --infer_params saas.api_key=k saas.model=tiny saas.base_url={clean_server.base_url}''')
-        ip.run_cell("%byzer_chat second_start -o reply --max_tokens 4 --temperature 0 hi")
-        print("REPLY=" + repr(ip.user_ns["reply"].text), flush=True)
-        sys.stdin.readline()
-    """, slow_first_agents(tmp_path, 1)) as proc:
+    with lone_kernel(deploy_and_chat(clean_server, "second_start"), slow_first_agents(tmp_path, 1)) as proc:
         reply = next((line for line in proc.stdout if line.startswith("REPLY=")), "")
         assert reply.startswith("REPLY='") and reply.strip() != "REPLY=''", reply
         assert not (tmp_path / "slow0").exists(), "the first start's agent was not the slow one"
