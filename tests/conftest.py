@@ -310,6 +310,7 @@ def start_until_counted(start, address: str, nodes: int, what: str, why_not=None
     as a user would rerun `ray start`.
     """
     gcs_port = int(address.rsplit(":", 1)[1])
+    explain = why_not or (lambda: node_count(address, verbose=True))
     for _ in range(attempts):
         proc, deadline = start(), time.monotonic() + timeout
         while proc.poll() is None and time.monotonic() < deadline:
@@ -317,10 +318,8 @@ def start_until_counted(start, address: str, nodes: int, what: str, why_not=None
                 return proc
             time.sleep(0.5)
         if proc.poll() is None:
-            detail = why_not() if why_not else node_count(address, verbose=True)
-            raise TimeoutError(f"{what} not counted after {timeout} s: {detail}")
-    detail = why_not() if why_not else node_count(address, verbose=True)
-    raise TimeoutError(f"{what} did not start in {attempts} tries: {detail}")
+            raise TimeoutError(f"{what} not counted after {timeout} s: {explain()}")
+    raise TimeoutError(f"{what} did not start in {attempts} tries: {explain()}")
 
 
 def node_count(address: str, verbose: bool = False, timeout: float = 120):
