@@ -157,14 +157,15 @@ def ray_head():
            f"--dashboard-port={free_port()}", "--include-dashboard=true"]
     address = f"127.0.0.1:{port}"
     started: list[subprocess.Popen] = []
+    log = Path(temp_dir) / "ray-start.log"
 
     def start() -> subprocess.Popen:
-        started.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                        start_new_session=True))
+        with open(log, "w") as out:
+            started.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
         return started[-1]
 
     try:
-        proc = start_until_counted(start, address, 1, "the session's ray head")
+        proc = start_until_counted(start, log, address, 1, "the session's ray head")
         os.environ["RAY_ADDRESS"] = address
         from byzer_magic.serving.cluster import connect
 
@@ -235,7 +236,7 @@ class Nodes:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
 
-    def join(self, name: str, attempts: int = 3) -> None:
+    def join(self, name: str, attempts: int = 4) -> None:
         """Start a node and wait until the cluster counts it (see `start_until_counted`); nodes join one at a time,
         since several agents importing at once on 2 busy cores is what makes them miss Ray's wait."""
         hide = self.hidden if name == "b2" else None
@@ -245,7 +246,7 @@ class Nodes:
             self.procs[name] = _start_node(NODE_LAYOUT[name], self.address, hide=hide, log=self.log(name))
             return self.procs[name]
 
-        start_until_counted(start, self.address, expected, f"node {name}", self.why_not, attempts)
+        start_until_counted(start, self.log(name), self.address, expected, f"node {name}", self.why_not, attempts)
 
     def log(self, name: str) -> Path:
         return Path(self.temp_dir) / f"node-{name}.log"
@@ -297,29 +298,44 @@ def _start_node(layout: dict, head: str | None, temp_dir: str | None = None, por
     return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
 
-def start_until_counted(start, address: str, nodes: int, what: str, why_not=None, attempts: int = 3,
+def start_until_counted(start, log: Path, address: str, nodes: int, what: str, why_not=None, attempts: int = 4,
                         timeout: float = 120) -> subprocess.Popen:
-    """Run `start` (a `ray start --block`) until the cluster at `address` counts `nodes` alive nodes.
+    """Run `start` (a `ray start --block` writing to `log`) until the cluster at `address` counts `nodes` alive nodes.
 
     Ray 2.60's raylet gives its dashboard agent a fixed 15 s to write its port
-    files and aborts otherwise, and `ray start --block` then stops the node's
-    every process (a head's GCS and Ray Client server too). On a busy 2-core
-    machine an agent's imports can take longer: CI saw a head's raylet die
-    this way 27 s after its ports first answered. So a node counts as up only
-    once the cluster counts it, and a start whose process exited is run again,
-    as a user would rerun `ray start`.
+    files and aborts otherwise, and `ray start` then fails or, with `--block`,
+    stops the node's every process (a head's GCS and Ray Client server too).
+    On a busy 2-core machine the agent's imports can take longer: CI saw a
+    head's raylet die this way, and a rejoining node fail three starts in a
+    row. So the start is watched quietly, by `ray start`'s own output, which
+    says "Ray runtime started." only once its raylet registered (after that
+    wait). Asking a driver sooner is what slowed the agent down: a driver
+    process every half second (each one importing Ray) kept a core busy, and
+    a joining node's agent took 10.9 s instead of 4.7 s to write its ports.
+    A start that failed is ended with all it started (its GCS would hold the
+    port of the next) and run again, as a user would rerun `ray start`.
     """
-    gcs_port = int(address.rsplit(":", 1)[1])
     explain = why_not or (lambda: node_count(address, verbose=True))
     for _ in range(attempts):
         proc, deadline = start(), time.monotonic() + timeout
-        while proc.poll() is None and time.monotonic() < deadline:
-            if _answers(gcs_port) and node_count(address, timeout=60) == nodes:
-                return proc
+        while proc.poll() is None and not _says_started(log) and time.monotonic() < deadline:
             time.sleep(0.5)
+        while proc.poll() is None and time.monotonic() < deadline:
+            if node_count(address, timeout=60) == nodes:
+                return proc
+            time.sleep(2)
         if proc.poll() is None:
             raise TimeoutError(f"{what} not counted after {timeout} s: {explain()}")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # what the failed start left: a GCS, monitors, a log monitor
     raise TimeoutError(f"{what} did not start in {attempts} tries: {explain()}")
+
+
+def _says_started(log: Path) -> bool:
+    """Whether `ray start` printed that its node is up: it does so after Node() returned, so after the agent's wait."""
+    with contextlib.suppress(FileNotFoundError):
+        return "Ray runtime started." in log.read_text(errors="replace")
+    return False
 
 
 def node_count(address: str, verbose: bool = False, timeout: float = 120):
@@ -351,7 +367,7 @@ def three_nodes():
         return nodes.procs["head"]
 
     try:
-        start_until_counted(start_head, address, 1, "the head node", nodes.why_not)
+        start_until_counted(start_head, nodes.log("head"), address, 1, "the head node", nodes.why_not)
         for name in ("b1", "b2"):
             nodes.join(name)  # waits until the cluster counts it: three nodes once b2 is in
         yield nodes

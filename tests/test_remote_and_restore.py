@@ -50,12 +50,14 @@ class Head:
                "--num-cpus=4", "--num-gpus=0", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
                "--include-dashboard=false", *ports]
 
+        log = Path(self.temp_dir) / "ray-start.log"
+
         def start() -> subprocess.Popen:
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                         start_new_session=True)
+            with open(log, "w") as out:
+                self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
             return self.proc
 
-        start_until_counted(start, self.address, 1, "the module's ray head")
+        start_until_counted(start, log, self.address, 1, "the module's ray head")
         wait_until(lambda: _answers(self.client_port), 90, "the module's Ray Client server")
 
     def stop(self) -> None:
