@@ -160,8 +160,7 @@ def ray_head():
     log = Path(temp_dir) / "ray-start.log"
 
     def start() -> subprocess.Popen:
-        with open(log, "w") as out:
-            started.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+        started.append(ray_start(cmd, log))
         return started[-1]
 
     try:
@@ -243,7 +242,7 @@ class Nodes:
         expected = len(self.procs) + 1
 
         def start() -> subprocess.Popen:
-            self.procs[name] = _start_node(NODE_LAYOUT[name], self.address, hide=hide, log=self.log(name))
+            self.procs[name] = _start_node(NODE_LAYOUT[name], self.address, self.log(name), hide=hide)
             return self.procs[name]
 
         start_until_counted(start, self.log(name), self.address, expected, f"node {name}", self.why_not, attempts)
@@ -276,8 +275,8 @@ def _node_ports() -> list[str]:
     return [f"--{name}={free_port()}" for name in names]
 
 
-def _start_node(layout: dict, head: str | None, temp_dir: str | None = None, port: int | None = None,
-                hide: Path | None = None, log: Path | None = None) -> subprocess.Popen:
+def _start_node(layout: dict, head: str | None, log: Path, temp_dir: str | None = None, port: int | None = None,
+                hide: Path | None = None) -> subprocess.Popen:
     cmd = ["ray", "start", "--block", f"--num-cpus={layout['num_cpus']}", f"--num-gpus={layout.get('num_gpus', 0)}",
            f"--resources={json.dumps(layout['resources'])}", "--disable-usage-stats", *_node_ports()]
     if head is None:
@@ -294,8 +293,14 @@ def _start_node(layout: dict, head: str | None, temp_dir: str | None = None, por
     if head is not None and (Path.home() / ".ray" / "auth_token").exists():
         # A joining node sends the cluster's token only in token mode ("InvalidAuthToken" without it, Ray 2.60).
         env.setdefault("RAY_AUTH_MODE", "token")
-    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - the node writes it for as long as it runs
-    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    return ray_start(cmd, log, env)
+
+
+def ray_start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    """A `ray start --block` in a session of its own (so its node can be ended as one group), its output in `log`,
+    where `start_until_counted` reads whether the node came up; a new start writes over the last one's output."""
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
 
 def start_until_counted(start, log: Path, address: str, nodes: int, what: str, why_not=None, attempts: int = 4,
@@ -363,7 +368,7 @@ def three_nodes():
         nodes.hidden = hidden
 
     def start_head() -> subprocess.Popen:
-        nodes.procs["head"] = _start_node(NODE_LAYOUT["head"], None, temp_dir, port, log=nodes.log("head"))
+        nodes.procs["head"] = _start_node(NODE_LAYOUT["head"], None, nodes.log("head"), temp_dir, port)
         return nodes.procs["head"]
 
     try:

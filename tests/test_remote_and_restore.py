@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import RAY_NOISE, ROOT, _answers, free_port, start_until_counted, wait_until
+from .conftest import RAY_NOISE, ROOT, _answers, free_port, ray_start, start_until_counted, wait_until
 
 LITERAL = "sk-literal-7d1c9e5a30b24f68"
 KEYED = "sk-keyed-41f0b8d2c6e97a35"
@@ -53,8 +53,7 @@ class Head:
         log = Path(self.temp_dir) / "ray-start.log"
 
         def start() -> subprocess.Popen:
-            with open(log, "w") as out:
-                self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = ray_start(cmd, log)
             return self.proc
 
         start_until_counted(start, log, self.address, 1, "the module's ray head")
