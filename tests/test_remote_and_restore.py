@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import RAY_NOISE, ROOT, _answers, free_port, ray_start, start_until_counted, wait_until
+from .conftest import RAY_NOISE, ROOT, _answers, free_port, kill_node, ray_start, start_until_counted, wait_until
 
 LITERAL = "sk-literal-7d1c9e5a30b24f68"
 KEYED = "sk-keyed-41f0b8d2c6e97a35"
@@ -63,8 +63,7 @@ class Head:
         """The whole cluster goes: the head and everything it started."""
         if self.proc is None:
             return
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
+        kill_node(self.proc)
         self.proc = None
         wait_until(lambda: not _answers(self.port), 30, "the old head to be gone")
 
